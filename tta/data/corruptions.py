@@ -1,0 +1,58 @@
+"""ImageNet-C style corruptions (Hendrycks & Dietterich, ICLR 2019) through the maintained
+`imagecorruptions-imaug` library: the 15 standard corruptions plus 4 extra, severities 1 to 5."""
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+import torch
+
+from ..registry import unknown_name_message
+
+STANDARD = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+            "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression")
+EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+
+
+def corruption_names(which: str = "standard") -> List[str]:
+    """'standard' (15), 'extra' (4) or 'all' (19)."""
+    groups = {"standard": STANDARD, "extra": EXTRA, "all": STANDARD + EXTRA}
+    if which not in groups:
+        raise KeyError(unknown_name_message("corruption group", which, groups))
+    return list(groups[which])
+
+
+def check_corruption(name: str, severity: int) -> None:
+    if name not in STANDARD + EXTRA:
+        raise KeyError(unknown_name_message("corruption", name, STANDARD + EXTRA))
+    if severity not in (1, 2, 3, 4, 5):
+        raise ValueError(f"severity must be an integer from 1 to 5, got {severity!r}")
+
+
+def corrupt_array(image: np.ndarray, name: str, severity: int) -> np.ndarray:
+    """One uint8 (H, W, 3) or (H, W) image -> corrupted uint8 image of the same shape."""
+    from imagecorruptions import corrupt
+    check_corruption(name, severity)
+    grey = image.ndim == 2
+    rgb = np.repeat(image[..., None], 3, axis=2) if grey else image
+    out = np.asarray(corrupt(rgb, severity=severity, corruption_name=name))
+    out = np.clip(out, 0, 255).astype(np.uint8)[: rgb.shape[0], : rgb.shape[1]]
+    return out.mean(axis=2).round().astype(np.uint8) if grey else out
+
+
+def corrupt_images(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.Tensor:
+    """A (B, C, H, W) batch in [0, 1] -> its corrupted copy. Seeded: the same call gives the same images."""
+    check_corruption(name, severity)
+    state = np.random.get_state()
+    np.random.seed(seed)  # the library draws from numpy's global generator
+    try:
+        out = []
+        for img in images.detach().cpu():
+            arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            arr = arr[..., 0] if arr.shape[2] == 1 else arr
+            res = torch.from_numpy(corrupt_array(arr, name, severity))
+            res = res[None] if res.dim() == 2 else res.permute(2, 0, 1)
+            out.append(res.float() / 255)
+    finally:
+        np.random.set_state(state)
+    return torch.stack(out).to(images.device)
