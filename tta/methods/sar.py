@@ -67,12 +67,13 @@ class SAR(Adapter):
         _, entropy2 = self._entropy(x)
         entropy2 = entropy2[reliable]
         still_reliable = entropy2.detach() < e_margin
+        loss2 = entropy2[still_reliable].mean() if still_reliable.any() else None
+        if loss2 is not None:
+            loss2.backward()
         with torch.no_grad():  # back to the original weights; the descent uses the gradient from the perturbed point
             for p, original in zip(params, originals):
                 p.copy_(original)
-        if still_reliable.any():
-            loss2 = entropy2[still_reliable].mean()
-            loss2.backward()
+        if loss2 is not None:
             self.optimizer.step()
             self._track(float(loss2.detach()))
         self.optimizer.zero_grad()

@@ -124,7 +124,7 @@ def clip_model(name: str, pretrained: bool = True, weights=None, class_names: Op
         raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names were given")
     model.eval()
     head = clip_text_head(model, open_clip.get_tokenizer(arch), class_names, templates)
-    logit_scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
+    logit_scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
     visual = model.visual
     size = visual.image_size if isinstance(visual.image_size, (tuple, list)) else (visual.image_size,) * 2
     mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN

@@ -61,7 +61,11 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
 def load_weights(net: nn.Module, path) -> nn.Module:
     """Load a local checkpoint strictly, with an error that names the mismatching keys."""
     state = read_state_dict(path)
-    result = net.load_state_dict(state, strict=False)
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches raise even when not strict
+        raise ValueError(f"{str(path)!r} does not fit this architecture ({str(err).splitlines()[-1].strip()}); "
+                         "check the model name and the number of classes") from err
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"{str(path)!r} does not fit this architecture: missing {result.missing_keys[:5]}"

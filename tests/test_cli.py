@@ -1,0 +1,58 @@
+"""The command line, run in-process and as the installed console script."""
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from tta.cli import main
+from tta.data.images import foolbox_images
+import tta
+
+
+def test_list_adapters(capsys):
+    assert main(["list", "adapters"]) == 0
+    out = capsys.readouterr().out.split()
+    assert {"source", "norm", "tent", "eata", "sar", "cotta", "memo"} <= set(out)
+
+
+def test_list_models(capsys):
+    assert main(["list", "models"]) == 0
+    assert "timm:" in capsys.readouterr().out
+    assert main(["list", "models", "timm:test_res*"]) == 0
+    assert "timm:test_resnet" in capsys.readouterr().out
+
+
+def test_run_on_a_folder_of_images(tmp_path, capsys):
+    # CIFAR-10 images from foolbox, sorted into class folders named by class index
+    for path, label in foolbox_images("cifar10"):
+        (tmp_path / "data" / str(label)).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, tmp_path / "data" / str(label) / path.name)
+    model = tta.create_model("timm:test_resnet", pretrained=False, num_classes=10)
+    torch.save(model.net.state_dict(), tmp_path / "w.pth")
+    code = main(["run", "--model", "timm:test_resnet", "--weights", str(tmp_path / "w.pth"),
+                 "--model-set", "num_classes=10", "--method", "tent,norm", "--set", "lr=1e-3",
+                 "--data", str(tmp_path / "data"), "--corruption", "contrast", "--severity", "3",
+                 "--batch-size", "8"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "20 images, contrast-3" in out
+    assert out.count("top-1") == 3 and "after (tent)" in out and "after (norm)" in out
+
+
+def test_run_reports_bad_input_clearly(tmp_path, capsys):
+    assert main(["run", "--model", "timm:test_resnet", "--no-pretrained", "--method", "tnet",
+                 "--data", str(tmp_path)]) == 2
+    assert "Did you mean 'tent'" in capsys.readouterr().err
+    assert main(["run", "--model", "timm:test_resnet", "--no-pretrained", "--method", "tent",
+                 "--data", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.jpg").write_bytes(b"truncated")
+    assert main(["run", "--model", "timm:test_resnet", "--no-pretrained", "--method", "source",
+                 "--data", str(tmp_path)]) == 2
+    assert "--on-error skip" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "tta", "list", "adapters"], capture_output=True, text=True)
+    assert result.returncode == 0 and "tent" in result.stdout

@@ -1,0 +1,158 @@
+"""The `tta` command line: list what exists, run a method on a set of images, run benchmarks, report.
+
+    tta list adapters | models [pattern]
+    tta run --model tv:mobilenet_v2@IMAGENET1K_V1 --method tent,norm --data foolbox:imagenet --corruption gaussian_noise
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+
+def parse_assignments(pairs: List[str]) -> Dict[str, object]:
+    """`key=value` pairs from --set; values are read as numbers or YAML (true, [1, 2], strings)."""
+    import yaml
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = parse_value(value, yaml)
+    return out
+
+
+def parse_value(text: str, yaml):
+    """Numbers as numbers (YAML would read 1e-3 as a string), everything else as YAML."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def cmd_list(args) -> int:
+    import tta
+    if args.what == "adapters":
+        names = tta.list_adapters(args.pattern or "*")
+    else:
+        names = tta.list_models(args.pattern or "*")
+    print("\n".join(names))
+    return 0
+
+
+def _batches(dataset, batch_size: int, limit: Optional[int]):
+    from torch.utils.data import DataLoader, Subset
+    if limit is not None:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def _evaluate(predict, loader, corruption, severity, seed, device, desc) -> Dict[str, object]:
+    """Run `predict` over the stream; returns counts, accuracy (when labelled) and wall time."""
+    from tqdm import tqdm
+    from .data import corrupt_images
+    correct = seen = labelled = 0
+    counts: Dict[int, int] = {}
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(tqdm(loader, desc=desc, unit="batch", leave=False)):
+        if corruption:
+            x = corrupt_images(x, corruption, severity, seed=seed + i)
+        pred = predict(x.to(device)).argmax(1).cpu()
+        for p in pred.tolist():
+            counts[p] = counts.get(p, 0) + 1
+        mask = y >= 0
+        correct += int((pred[mask] == y[mask]).sum())
+        labelled += int(mask.sum())
+        seen += len(y)
+    result = {"n": seen, "seconds": time.perf_counter() - start, "predictions": counts}
+    result["accuracy"] = correct / labelled if labelled else None
+    return result
+
+
+def cmd_run(args) -> int:
+    import tta
+    from .data import open_images
+    torch.manual_seed(args.seed)
+    model_kwargs = parse_assignments(args.model_set)
+    model = tta.create_model(args.model, pretrained=not args.no_pretrained, weights=args.weights, **model_kwargs)
+    model = model.to(args.device).eval()
+    config = parse_assignments(args.set)
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    for name in methods:  # fail on a typo before spending time on the source run
+        tta.adapter.ADAPTERS.get(name)
+    dataset = open_images(args.data, model.input_size, model.class_names, on_error=args.on_error)
+    loader = _batches(dataset, args.batch_size, args.limit)
+    shift = f"{args.corruption}-{args.severity}" if args.corruption else "clean"
+    print(f"model {args.model} | data {args.data} ({len(loader.dataset)} images, {shift}) | device {args.device}")
+
+    def show(label: str, res: Dict[str, object]) -> None:
+        acc = "n/a (unlabelled data)" if res["accuracy"] is None else f"{100 * res['accuracy']:.1f}%"
+        print(f"{label:<24} top-1 {acc:<24} {res['seconds']:.1f} s")
+
+    with torch.no_grad():
+        source = _evaluate(model, loader, args.corruption, args.severity, args.seed, args.device, "source")
+    show("before (source)", source)
+    for name in methods:
+        adapter = tta.create_adapter(name, copy.deepcopy(model), **config)
+        res = _evaluate(adapter, loader, args.corruption, args.severity, args.seed, args.device, name)
+        show(f"after ({name})", res)
+    if dataset.skipped:
+        print(f"skipped {len(dataset.skipped)} unreadable file(s): {', '.join(dataset.skipped[:5])}")
+    if source["accuracy"] is None:
+        top = sorted(source["predictions"].items(), key=lambda kv: -kv[1])[:5]
+        names = model.class_names or []
+        print("most frequent source predictions:",
+              ", ".join(f"{names[k] if k < len(names) else k} x{v}" for k, v in top))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tta", description="Test-time adaptation driven by generative feedback")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list adapters or model sources")
+    p.add_argument("what", choices=["adapters", "models"])
+    p.add_argument("pattern", nargs="?", help="fnmatch pattern; for models also timm:<pattern> or tv:<pattern>")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("run", help="adapt a model on a folder of images or a named set and print accuracy")
+    p.add_argument("--model", required=True, help="timm:<name>, tv:<name>[@WEIGHTS], clip:<arch>@<tag>, smp:<a>/<enc>")
+    p.add_argument("--weights", help="local checkpoint file to load instead of hub weights")
+    p.add_argument("--no-pretrained", action="store_true", help="random weights (for smoke tests)")
+    p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra model arguments, e.g. num_classes=10")
+    p.add_argument("--method", required=True, help="adapter name, or several separated by commas")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config, e.g. lr=1e-3")
+    p.add_argument("--data", required=True, help="a folder of images (optionally one subfolder per class) "
+                                                 "or a named set: foolbox:imagenet|cifar10|cifar100|mnist|fashionMNIST")
+    p.add_argument("--corruption", help="apply an ImageNet-C corruption on the fly, e.g. gaussian_noise")
+    p.add_argument("--severity", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="what to do with unreadable images")
+    p.set_defaults(func=cmd_run)
+
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"tta {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
