@@ -31,19 +31,22 @@ def test_run_on_a_folder_of_images(tmp_path, capsys):
     model = tta.create_model("timm:test_resnet", pretrained=False, num_classes=10)
     torch.save(model.net.state_dict(), tmp_path / "w.pth")
     code = main(["run", "--model", "timm:test_resnet", "--weights", str(tmp_path / "w.pth"),
-                 "--model-set", "num_classes=10", "--method", "tent,norm", "--set", "lr=1e-3",
+                 "--model-set", "num_classes=10", "--method", "tent,memo", "--set", "lr=1e-3", "--set", "memo.n_augmentations=2",
                  "--data", str(tmp_path / "data"), "--corruption", "contrast", "--severity", "3",
                  "--batch-size", "8"])
     out = capsys.readouterr().out
     assert code == 0
     assert "20 images, contrast-3" in out
-    assert out.count("top-1") == 3 and "after (tent)" in out and "after (norm)" in out
+    assert out.count("top-1") == 3 and "after (tent)" in out and "after (memo)" in out
 
 
 def test_run_reports_bad_input_clearly(tmp_path, capsys):
     assert main(["run", "--model", "timm:test_resnet", "--no-pretrained", "--method", "tnet",
                  "--data", str(tmp_path)]) == 2
     assert "Did you mean 'tent'" in capsys.readouterr().err
+    assert main(["run", "--model", "timm:test_resnet", "--no-pretrained", "--method", "tent",
+                 "--set", "memo.n_augmentations=2", "--data", str(tmp_path)]) == 2
+    assert "not one of the methods being run" in capsys.readouterr().err
     assert main(["run", "--model", "timm:test_resnet", "--no-pretrained", "--method", "tent",
                  "--data", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err

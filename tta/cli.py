@@ -36,6 +36,21 @@ def parse_value(text: str, yaml):
     return yaml.safe_load(text)
 
 
+def method_configs(assignments: Dict[str, object], methods: List[str]) -> Dict[str, Dict[str, object]]:
+    """`lr=1e-3` applies to every method, `memo.n_augmentations=16` to memo only."""
+    configs: Dict[str, Dict[str, object]] = {m: {} for m in methods}
+    for key, value in assignments.items():
+        scope, dot, field = key.rpartition(".")
+        if not dot:
+            for m in methods:
+                configs[m][key] = value
+        elif scope in configs:
+            configs[scope][field] = value
+        else:
+            raise ValueError(f"--set {key}=...: {scope!r} is not one of the methods being run ({', '.join(methods)})")
+    return configs
+
+
 def cmd_list(args) -> int:
     import tta
     if args.what == "adapters":
@@ -82,10 +97,10 @@ def cmd_run(args) -> int:
     model_kwargs = parse_assignments(args.model_set)
     model = tta.create_model(args.model, pretrained=not args.no_pretrained, weights=args.weights, **model_kwargs)
     model = model.to(args.device).eval()
-    config = parse_assignments(args.set)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     for name in methods:  # fail on a typo before spending time on the source run
         tta.adapter.ADAPTERS.get(name)
+    configs = method_configs(parse_assignments(args.set), methods)
     dataset = open_images(args.data, model.input_size, model.class_names, on_error=args.on_error)
     loader = _batches(dataset, args.batch_size, args.limit)
     shift = f"{args.corruption}-{args.severity}" if args.corruption else "clean"
@@ -99,7 +114,7 @@ def cmd_run(args) -> int:
         source = _evaluate(model, loader, args.corruption, args.severity, args.seed, args.device, "source")
     show("before (source)", source)
     for name in methods:
-        adapter = tta.create_adapter(name, copy.deepcopy(model), **config)
+        adapter = tta.create_adapter(name, copy.deepcopy(model), **configs[name])
         res = _evaluate(adapter, loader, args.corruption, args.severity, args.seed, args.device, name)
         show(f"after ({name})", res)
     if dataset.skipped:
@@ -128,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra model arguments, e.g. num_classes=10")
     p.add_argument("--method", required=True, help="adapter name, or several separated by commas")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config, e.g. lr=1e-3")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config, e.g. lr=1e-3 (every method) or memo.n_augmentations=16 (one method)")
     p.add_argument("--data", required=True, help="a folder of images (optionally one subfolder per class) "
                                                  "or a named set: foolbox:imagenet|cifar10|cifar100|mnist|fashionMNIST")
     p.add_argument("--corruption", help="apply an ImageNet-C corruption on the fly, e.g. gaussian_noise")
