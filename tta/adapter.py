@@ -31,6 +31,7 @@ class AdapterConfig:
     momentum: float = 0.9          # SGD only
     weight_decay: float = 0.0
     betas: Tuple[float, float] = (0.9, 0.999)  # Adam / AdamW only
+    guard: bool = True             # skip non-finite updates; restore the source state on divergence or collapse
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
@@ -92,6 +93,7 @@ class Adapter(nn.Module):
         params = [p for _, p in self.adapted]
         self.optimizer = self.build_optimizer(params) if params else None
         self._source_state = self._capture_state()
+        self.guard_events: Dict[str, int] = {}  # divergence-guard interventions over the adapter's life
 
     # ---- what subclasses write -------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -129,7 +131,45 @@ class Adapter(nn.Module):
         with torch.enable_grad():  # adapt even when called under torch.no_grad()
             for _ in range(self.cfg.steps):
                 outputs = self.forward_and_adapt(x)
-        return outputs.detach()
+        outputs = outputs.detach()
+        if self.cfg.guard and self.diverged(outputs):
+            self.reset()  # the adapted state is unusable: predict with the source state instead
+            with torch.no_grad():
+                outputs = self.model(x)
+        return outputs
+
+    # ---- divergence guard --------------------------------------------------------------------------------
+    def optimize(self, loss: torch.Tensor) -> bool:
+        """backward, step, zero_grad; with the guard on, a non-finite loss or gradient skips the update."""
+        if self.cfg.guard and not torch.isfinite(loss.detach()).all():
+            self.optimizer.zero_grad()
+            self._count("nonfinite_loss")
+            return False
+        loss.backward()
+        if self.cfg.guard and any(p.grad is not None and not torch.isfinite(p.grad).all() for _, p in self.adapted):
+            self.optimizer.zero_grad()
+            self._count("nonfinite_grad")
+            return False
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return True
+
+    def diverged(self, outputs: torch.Tensor) -> bool:
+        """Non-finite weights or outputs, or a collapse: a batch of 16 or more all predicted as one class with
+        near-zero entropy, which entropy minimisation reaches when it degenerates."""
+        if any(not torch.isfinite(p).all() for _, p in self.adapted) or not torch.isfinite(outputs).all():
+            self._count("diverged")
+            return True
+        if outputs.dim() == 2 and outputs.shape[0] >= 16 and outputs.shape[1] >= 2:
+            probs = outputs.float().softmax(1)
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean()
+            if bool((outputs.argmax(1) == outputs[0].argmax()).all()) and float(entropy) < 1e-3:
+                self._count("collapsed")
+                return True
+        return False
+
+    def _count(self, event: str) -> None:
+        self.guard_events[event] = self.guard_events.get(event, 0) + 1
 
     @property
     def adapted_names(self) -> List[str]:

@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="what to do with unreadable images")
     p.set_defaults(func=cmd_run)
 
+    # Subcommands that live with their subsystem.
+    from .bench.cli import register as register_bench
+    from .zoo.cli import register as register_zoo
+    register_bench(sub)
+    register_zoo(sub)
     return parser
 
 

@@ -55,9 +55,7 @@ class CoTTA(Adapter):
                 views = [self.teacher(cotta_augment(x)) for _ in range(self.cfg.n_augmentations)]
                 teacher_outputs = torch.stack(views).mean(0)
         loss = cross_entropy_soft(outputs, teacher_outputs).mean()
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        self.optimize(loss)
         ema_update(self.teacher, self.model, self.cfg.ema_momentum)
         self._stochastic_restore()
         return teacher_outputs

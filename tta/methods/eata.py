@@ -87,9 +87,7 @@ class EATA(Adapter):
             loss = (entropy[keep] * coeff).mean()
             if self.fisher:
                 loss = loss + self.cfg.fisher_alpha * self.fisher_penalty()
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad()
+            self.optimize(loss)
         return outputs
 
     def fisher_penalty(self) -> torch.Tensor:

@@ -50,7 +50,5 @@ class MEMO(Adapter):
         outputs = self.model(views)
         require_class_scores(outputs, self.name)
         loss = marginal_entropy(outputs)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        self.optimize(loss)
         return outputs

@@ -36,7 +36,5 @@ class Tent(Adapter):
         outputs = self.model(x)
         require_class_scores(outputs, self.name)
         loss = softmax_entropy(outputs).mean()
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        self.optimize(loss)
         return outputs

@@ -1,0 +1,42 @@
+"""The divergence guard: non-finite losses skip the update, diverged or collapsed states restore the source."""
+import pytest
+import torch
+
+import tta
+
+from conftest import FAST, tiny_model
+
+
+@pytest.mark.parametrize("name", ["tent", "eata", "sar", "cotta", "memo"])
+def test_pathological_learning_rate_never_does_worse_than_the_unadapted_model(name):
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 16, 16)
+    # What the guard falls back to: the source weights, normalised as the method normalises (batch statistics
+    # for all but memo). Its predictions are the labels, so any damage done by adaptation shows.
+    reference = tta.create_adapter("source" if name == "memo" else "norm", tiny_model(sharpness=20.0))
+    labels = reference(x).argmax(1)
+    adapter = tta.create_adapter(name, tiny_model(sharpness=20.0), lr=1e12, steps=3, **FAST.get(name, {}))
+    accuracies = [(adapter(x).argmax(1) == labels).float().mean().item() for _ in range(3)]
+    assert min(accuracies) == 1.0, f"{name} fell below the unadapted model: {accuracies}"
+    assert sum(adapter.guard_events.values()) > 0, "the guard never intervened at lr 1e12"
+    assert all(torch.isfinite(p).all() for _, p in adapter.adapted)
+
+
+def test_without_the_guard_the_same_run_breaks():
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 16, 16)
+    labels = tta.create_adapter("norm", tiny_model(sharpness=20.0))(x).argmax(1)
+    adapter = tta.create_adapter("tent", tiny_model(sharpness=20.0), lr=1e12, steps=3, guard=False)
+    accuracies = [(adapter(x).argmax(1) == labels).float().mean().item() for _ in range(3)]
+    assert min(accuracies) < 1.0 and adapter.guard_events == {}
+
+
+def test_nonfinite_loss_skips_the_update():
+    model = tiny_model()
+    adapter = tta.create_adapter("tent", model)
+    before = [p.detach().clone() for _, p in adapter.adapted]
+    assert adapter.optimize(torch.tensor(float("nan"), requires_grad=True)) is False
+    assert adapter.guard_events == {"nonfinite_loss": 1}
+    assert all(torch.equal(a, p) for a, (_, p) in zip(before, adapter.adapted))
+
+

@@ -1,0 +1,96 @@
+"""`tta bench`, `tta report` and `tta compare`: `register(subparsers)` adds them to the main `tta` parser;
+`main(argv)` runs them alone (python -m tta.bench.cli ...)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def _split(values: Optional[List[str]]) -> Optional[List[str]]:
+    if not values:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def cmd_bench(args) -> int:
+    from .runner import Runner
+    from .spec import load_spec
+    spec = load_spec(args.benchmark)
+    out = Path(args.out) if args.out else Path("results") / f"{Path(args.benchmark).stem}.jsonl"
+    runner = Runner(spec, out, methods=_split(args.methods), limit=args.limit, device=args.device,
+                    data_root=args.data_root, download=args.download, progress=not args.no_progress,
+                    num_workers=args.num_workers)
+    summary = runner.run()
+    print(f"{spec.name}: {summary['written']} row(s) written, {summary['skipped']} already present -> {out}")
+    if args.report:
+        from .report import write_report
+        made = write_report([out])
+        print(f"report: {made['markdown'][0]}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+    made = write_report([args.results], out=args.out, plots=not args.no_plots)
+    for kind in ("markdown", "csv", "plots"):
+        for p in made[kind]:
+            print(p)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .report import write_report
+    out = args.out or str(Path(args.results[0]).parent / "compare")
+    made = write_report(args.results, out=out, plots=not args.no_plots)
+    for kind in ("markdown", "csv", "plots"):
+        for p in made[kind]:
+            print(p)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `bench`, `report` and `compare` to an argparse subparsers object."""
+    import torch
+    p = subparsers.add_parser("bench", help="run a benchmark file; resumes: rows already in --out are skipped")
+    p.add_argument("benchmark", help="a benchmark YAML file, e.g. benchmarks/imagenet-c.yaml")
+    p.add_argument("--methods", action="append", metavar="LABEL[,LABEL]", help="run only these methods (labels)")
+    p.add_argument("--limit", type=int, help="at most N images per domain (a seeded random subset), for a quick look")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="results file (JSON lines); default results/<benchmark file name>.jsonl")
+    p.add_argument("--data-root", help="the folder of your copy of the data; overrides data.root of the file")
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision download missing zero-shot sets (nothing is ever downloaded without it)")
+    p.add_argument("--num-workers", type=int, help="data loader worker processes (default: the file's num_workers)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--report", action="store_true", help="write the report next to the results when done")
+    p.set_defaults(func=cmd_bench)
+
+    p = subparsers.add_parser("report", help="markdown/CSV tables and plots from a results file")
+    p.add_argument("results", help="a results file written by `tta bench`")
+    p.add_argument("--out", help="output prefix (default: the results file without .jsonl)")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser("compare", help="one report over several results files")
+    p.add_argument("results", nargs="+", help="results files written by `tta bench`")
+    p.add_argument("--out", help="output prefix (default: <folder of the first file>/compare)")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="tta", description="benchmarks, reports and comparisons")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"tta {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

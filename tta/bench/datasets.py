@@ -1,0 +1,237 @@
+"""Data kinds: how the `data:` section of a benchmark file becomes a list of domains.
+
+Each kind registers a config dataclass (its YAML keys; unknown keys are errors) and a builder. Kinds that are
+not -C sets natively (folders, zero-shot sets, ADE20K, NYUv2, ...) get their corruptions on the fly, optionally
+cached on disk (tta.data.corruption_cache). A later suite adds its own kind with `register_data_kind`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+from torch.utils.data import Dataset, Subset
+
+from ..registry import Registry
+from ..data.corruptions import check_corruption, corruption_names
+from ..data.streams import Domain
+from ..data.subsample import labels_of, per_class_indices
+
+DATA_KINDS = Registry("data kind")
+
+
+@dataclass
+class DataConfig:
+    """Keys every kind accepts."""
+    kind: str = ""
+    root: Optional[str] = None             # where the user's copy lives (~ and $VARS expand; --data-root overrides)
+    corruptions: Union[str, List[str], None] = None   # "standard" | "extra" | "all" | a list; None: clean only
+    severities: List[int] = field(default_factory=lambda: [5])
+    clean: bool = False                    # also evaluate the uncorrupted images (for on-the-fly kinds)
+    cache: Optional[str] = None            # folder for on-the-fly corruptions (ImageNet-C layout)
+    corruption_seed: int = 0
+    per_class: Optional[int] = None        # seeded per-class subsample (the papers use 3-5 images per class)
+    max_images: Optional[int] = None       # seeded random subset of at most this many images per domain
+    subsample_seed: int = 0
+
+    def corruption_list(self) -> List[str]:
+        if self.corruptions is None:
+            return []
+        names = corruption_names(self.corruptions) if isinstance(self.corruptions, str) else list(self.corruptions)
+        for name in names:
+            for s in self.severities:
+                check_corruption(name, s)
+        return names
+
+    def resolved_root(self, kind: str) -> Path:
+        if not self.root:
+            raise ValueError(f"data kind {kind!r} needs data.root (the folder of your copy); set it in the benchmark "
+                             "file or pass --data-root")
+        return expand_path(self.root, "data.root", "or pass --data-root")
+
+    def resolved_cache(self) -> Optional[Path]:
+        return expand_path(self.cache, "data.cache", "or remove data.cache to corrupt on the fly without a cache") \
+            if self.cache else None
+
+
+def expand_path(value: str, what: str, alternative: str = "") -> Path:
+    """~ and $VARS expanded; a variable that is not set is an error rather than a folder named '$VAR'."""
+    import os
+    import re
+    expanded = os.path.expandvars(str(value))
+    unset = re.findall(r"\$\{?(\w+)", expanded)
+    if unset:
+        raise ValueError(f"{what} {value!r} uses the environment variable(s) {', '.join(unset)}, which are not set; "
+                         f"export them (e.g. export {unset[0]}=/path/to/data) {alternative}".rstrip())
+    return Path(expanded).expanduser()
+
+
+@dataclass
+class BuildContext:
+    input_size: Tuple[int, int, int]
+    class_names: Optional[List[str]] = None   # the model's
+    download: bool = False
+    limit: Optional[int] = None              # --limit: at most this many images per domain
+
+
+@dataclass
+class DataKind:
+    config: type
+    build: Callable[[DataConfig, BuildContext], List[Domain]]
+
+
+def register_data_kind(name: str, config: type = DataConfig):
+    """Decorator for `build(cfg, ctx) -> List[Domain]`; `config` is a DataConfig subclass with the kind's keys."""
+    def decorator(fn):
+        DATA_KINDS.register(name)(DataKind(config, fn))
+        return fn
+    return decorator
+
+
+def parse_data_config(values: Dict) -> DataConfig:
+    from .spec import strict_dataclass
+    values = dict(values)
+    if "kind" not in values:
+        raise ValueError(f"data needs a `kind`; one of {', '.join(DATA_KINDS.names())}")
+    kind = DATA_KINDS.get(values["kind"])
+    return strict_dataclass(kind.config, values, f"data (kind {values['kind']})")
+
+
+def build_domains(cfg: DataConfig, ctx: BuildContext) -> List[Domain]:
+    domains = DATA_KINDS.get(cfg.kind).build(cfg, ctx)
+    return [_subsample(d, cfg, ctx.limit) for d in domains]
+
+
+def _subsample(domain: Domain, cfg: DataConfig, limit: Optional[int]) -> Domain:
+    n = len(domain.dataset)
+    idx = list(range(n))
+    if cfg.per_class is not None:
+        labels = labels_of(domain.dataset)
+        if labels is None:
+            raise ValueError(f"data kind {cfg.kind!r} has no per-image class labels, so per_class cannot apply; "
+                             "use max_images instead")
+        idx = per_class_indices(labels, cfg.per_class, cfg.subsample_seed)
+    caps = [c for c in (cfg.max_images, limit) if c is not None]
+    if caps and min(caps) < len(idx):
+        rng = np.random.default_rng(cfg.subsample_seed)
+        idx = sorted(idx[j] for j in rng.choice(len(idx), min(caps), replace=False))
+    if len(idx) == n:
+        return domain
+    return dataclasses.replace(domain, dataset=Subset(domain.dataset, idx))
+
+
+def with_corruptions(base: Dataset, cfg: DataConfig, source: str, input_size, name: str = "clean",
+                     **domain_kw) -> List[Domain]:
+    """Domains for an uncorrupted set: clean (when asked or when no corruption is listed) plus corruptions."""
+    from ..data.corruption_cache import CorruptedDataset
+    corruptions = cfg.corruption_list()
+    domains = [Domain(name, base, **domain_kw)] if cfg.clean or not corruptions else []
+    for c in corruptions:
+        for s in cfg.severities:
+            ds = CorruptedDataset(base, c, s, cfg.corruption_seed, cfg.resolved_cache(), source=source,
+                                  input_size=input_size)
+            domains.append(Domain(c, ds, severity=s, **domain_kw))
+    return domains
+
+
+# ---- the kinds ---------------------------------------------------------------------------------------------
+@register_data_kind("imagenet-c")
+def _imagenet_c(cfg: DataConfig, ctx: BuildContext) -> List[Domain]:
+    from ..data.images import ImageList
+    from ..data.imagenet_c import imagenet_c_items
+    root = cfg.resolved_root("imagenet-c")
+    names = cfg.corruption_list() or corruption_names("standard")
+    return [Domain(c, ImageList(imagenet_c_items(root, c, s), ctx.input_size), severity=s)
+            for c in names for s in cfg.severities]
+
+
+@dataclass
+class CIFARCConfig(DataConfig):
+    classes: str = "cifar10"     # cifar10 | cifar100
+
+
+@register_data_kind("cifar-c", CIFARCConfig)
+def _cifar_c(cfg: CIFARCConfig, ctx: BuildContext) -> List[Domain]:
+    from ..data.cifar_c import CIFARC
+    root = cfg.resolved_root("cifar-c")
+    names = cfg.corruption_list() or corruption_names("standard")
+    return [Domain(c, CIFARC(root, c, s, ctx.input_size, cfg.classes), severity=s)
+            for c in names for s in cfg.severities]
+
+
+@dataclass
+class VariantConfig(DataConfig):
+    variant: str = "a"           # a | r | v2
+
+
+@register_data_kind("imagenet-variant", VariantConfig)
+def _imagenet_variant(cfg: VariantConfig, ctx: BuildContext) -> List[Domain]:
+    from ..data.images import ImageList
+    from ..data.imagenet_c import imagenet_variant_items
+    items, subset = imagenet_variant_items(cfg.resolved_root("imagenet-variant"), cfg.variant)
+    return with_corruptions(ImageList(items, ctx.input_size), cfg, f"imagenet-{cfg.variant}", ctx.input_size,
+                            name=f"imagenet-{cfg.variant}", class_subset=subset)
+
+
+@register_data_kind("folder")
+def _folder(cfg: DataConfig, ctx: BuildContext) -> List[Domain]:
+    from ..data.images import open_images
+    root = cfg.resolved_root("folder")
+    ds = open_images(str(root), ctx.input_size, ctx.class_names)
+    return with_corruptions(ds, cfg, f"folder:{root.resolve()}", ctx.input_size, name=root.name or "folder")
+
+
+@dataclass
+class FoolboxConfig(DataConfig):
+    set: str = "imagenet"
+
+
+@register_data_kind("foolbox", FoolboxConfig)
+def _foolbox(cfg: FoolboxConfig, ctx: BuildContext) -> List[Domain]:
+    from ..data.images import open_images
+    ds = open_images(f"foolbox:{cfg.set}", ctx.input_size, ctx.class_names)
+    return with_corruptions(ds, cfg, f"foolbox:{cfg.set}", ctx.input_size, name=f"foolbox-{cfg.set}")
+
+
+@dataclass
+class ZeroShotConfig(DataConfig):
+    sets: List[str] = field(default_factory=lambda: ["cifar10"])
+    templates: Union[str, List[str]] = "clip"     # clip | single | a list of "...{}..." strings
+
+
+@register_data_kind("zeroshot", ZeroShotConfig)
+def _zeroshot(cfg: ZeroShotConfig, ctx: BuildContext) -> List[Domain]:
+    from ..data.zeroshot import open_zeroshot, templates_for
+    root = cfg.resolved_root("zeroshot")
+    domains: List[Domain] = []
+    for name in cfg.sets:
+        ds = open_zeroshot(name, root, ctx.input_size, download=ctx.download)
+        domains += with_corruptions(ds, cfg, f"zeroshot:{name}", ctx.input_size, name=name,
+                                    class_names=ds.class_names, templates=templates_for(name, cfg.templates))
+    return domains
+
+
+@dataclass
+class ADE20KConfig(DataConfig):
+    split: str = "validation"
+
+
+@register_data_kind("ade20k", ADE20KConfig)
+def _ade20k(cfg: ADE20KConfig, ctx: BuildContext) -> List[Domain]:
+    from ..data.dense import ADE20K
+    ds = ADE20K(cfg.resolved_root("ade20k"), cfg.split, ctx.input_size)
+    return with_corruptions(ds, cfg, f"ade20k:{cfg.split}", ctx.input_size, name="ade20k")
+
+
+@dataclass
+class NYUv2Config(DataConfig):
+    depth_scale: float = 1000.0   # PNG depth units per metre
+
+
+@register_data_kind("nyuv2", NYUv2Config)
+def _nyuv2(cfg: NYUv2Config, ctx: BuildContext) -> List[Domain]:
+    from ..data.dense import NYUv2Depth
+    ds = NYUv2Depth(cfg.resolved_root("nyuv2"), ctx.input_size, cfg.depth_scale)
+    return with_corruptions(ds, cfg, "nyuv2", ctx.input_size, name="nyuv2")

@@ -1,0 +1,299 @@
+"""Metrics: pure functions, plus small meters that accumulate them over a stream of batches.
+
+Classification: top-1 accuracy / error, expected calibration error, mean corruption error (mCE, normalised by
+AlexNet's errors when they are given). Segmentation: mean IoU and pixel accuracy from one confusion matrix.
+Depth: AbsRel, RMSE and delta < 1.25 pooled over valid pixels, and SSIM averaged over images.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# AlexNet's top-1 error per corruption, averaged over severities 1-5 (Hendrycks & Dietterich 2019,
+# github.com/hendrycks/robustness); mCE divides a model's summed errors by AlexNet's.
+ALEXNET_ERRORS: Dict[str, float] = {
+    "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640, "defocus_blur": 0.819880,
+    "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360, "snow": 0.866816, "frost": 0.826572,
+    "fog": 0.819324, "brightness": 0.564592, "contrast": 0.853204, "elastic_transform": 0.646056,
+    "pixelate": 0.717840, "jpeg_compression": 0.606500,
+}
+MCE_BASELINES = {"alexnet": ALEXNET_ERRORS}
+
+
+# ---- classification ----------------------------------------------------------------------------------------
+def top1_accuracy(pred: Sequence[int], target: Sequence[int]) -> float:
+    """Fraction of predictions equal to the target (labels < 0 mean unlabelled and are left out)."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    mask = target >= 0
+    if not mask.any():
+        raise ValueError("no labelled examples: accuracy needs targets >= 0")
+    return float((pred[mask] == target[mask]).mean())
+
+
+def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): sum over equal-width confidence bins of |accuracy - mean confidence| x bin share.
+    Bins are (lo, hi], with the first bin closed at 0."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    corr = np.asarray(correct, dtype=np.float64)
+    if conf.size == 0:
+        raise ValueError("ECE of an empty set")
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        inside = bins == b
+        if inside.any():
+            ece += inside.mean() * abs(corr[inside].mean() - conf[inside].mean())
+    return float(ece)
+
+
+def mean_corruption_error(errors: Mapping[Tuple[str, int], float],
+                          baseline: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+    """mCE from top-1 errors keyed by (corruption, severity).
+
+    Without a baseline, CE_c is the mean error over the severities evaluated and mCE the mean over corruptions
+    (unnormalised). With a baseline (AlexNet's mean error per corruption over severities 1-5), CE_c =
+    sum_s E_{s,c} / sum_s E^AlexNet_{s,c}; that ratio needs all five severities, so a corruption evaluated at
+    fewer severities is an error rather than a silently wrong number. Returns {"mCE": ..., "CE/<corruption>": ...}."""
+    by_corruption: Dict[str, Dict[int, float]] = {}
+    for (corruption, severity), err in errors.items():
+        by_corruption.setdefault(corruption, {})[int(severity)] = float(err)
+    if not by_corruption:
+        raise ValueError("mCE needs at least one (corruption, severity) error")
+    out: Dict[str, float] = {}
+    for corruption, sev in sorted(by_corruption.items()):
+        mean_err = sum(sev.values()) / len(sev)
+        if baseline is None:
+            out[f"CE/{corruption}"] = mean_err
+            continue
+        if corruption not in baseline:
+            raise ValueError(f"no baseline error for corruption {corruption!r}; baselines exist for "
+                             f"{', '.join(sorted(baseline))}. Drop the baseline for an unnormalised mCE")
+        if sorted(sev) != [1, 2, 3, 4, 5]:
+            raise ValueError(f"the normalised CE of {corruption!r} needs severities 1-5, got {sorted(sev)}; "
+                             "evaluate all five or use the unnormalised mCE (no baseline)")
+        out[f"CE/{corruption}"] = mean_err / baseline[corruption]
+    out["mCE"] = sum(out.values()) / len(out)
+    return out
+
+
+# ---- segmentation ------------------------------------------------------------------------------------------
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
+    """(K, K) int64 counts, rows = target class, columns = predicted class; `ignore_index` pixels are left out."""
+    pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+    keep = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    idx = target[keep] * num_classes + pred[keep].clamp(0, num_classes - 1)
+    return torch.bincount(idx.cpu(), minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def mean_iou(conf: Union[torch.Tensor, np.ndarray]) -> float:
+    """Mean over classes that occur (in target or prediction) of intersection / union."""
+    conf = np.asarray(conf, dtype=np.float64)
+    inter = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - inter
+    present = union > 0
+    if not present.any():
+        raise ValueError("mIoU of an empty confusion matrix")
+    return float((inter[present] / union[present]).mean())
+
+
+def pixel_accuracy(conf: Union[torch.Tensor, np.ndarray]) -> float:
+    conf = np.asarray(conf, dtype=np.float64)
+    total = conf.sum()
+    if total == 0:
+        raise ValueError("pixel accuracy of an empty confusion matrix")
+    return float(np.trace(conf) / total)
+
+
+# ---- depth -------------------------------------------------------------------------------------------------
+def valid_depth(target: torch.Tensor) -> torch.Tensor:
+    """Pixels with a measurement: depth sensors write 0 (or NaN) where they have none."""
+    return torch.isfinite(target) & (target > 0)
+
+
+def depth_errors(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
+    """AbsRel, RMSE and delta < 1.25 pooled over the valid pixels of all images (as DenseDepth and most
+    monocular-depth code compute them)."""
+    sums = depth_sums(pred, target)
+    return depth_from_sums(sums)
+
+
+def depth_sums(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
+    mask = valid_depth(target)
+    p = pred[mask].double().clamp_min(1e-6)  # a non-positive prediction would make the ratio meaningless
+    t = target[mask].double()
+    ratio = torch.maximum(p / t, t / p)
+    return {"pixels": float(mask.sum()), "abs_rel": float(((p - t).abs() / t).sum()),
+            "sq_err": float(((p - t) ** 2).sum()), "delta1": float((ratio < 1.25).sum())}
+
+
+def depth_from_sums(sums: Mapping[str, float]) -> Dict[str, float]:
+    n = sums["pixels"]
+    if n == 0:
+        raise ValueError("no valid depth pixels (all targets are 0 or NaN)")
+    return {"abs_rel": sums["abs_rel"] / n, "rmse": math.sqrt(sums["sq_err"] / n), "delta1": sums["delta1"] / n}
+
+
+def _gaussian_window(sigma: float = 1.5, radius: int = 5, dtype=torch.float64) -> torch.Tensor:
+    x = torch.arange(-radius, radius + 1, dtype=dtype)
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float, sigma: float = 1.5) -> float:
+    """Structural similarity (Wang et al. 2004) of two (H, W) maps: an 11x11 Gaussian window (sigma 1.5),
+    K1 = 0.01, K2 = 0.03, averaged over the window positions that lie wholly inside the image."""
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"ssim expects two (H, W) maps of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if data_range <= 0:
+        raise ValueError(f"data_range must be positive, got {data_range}")
+    w = _gaussian_window(sigma)
+    if min(a.shape) < w.shape[-1]:
+        raise ValueError(f"ssim needs maps of at least {w.shape[-1]}x{w.shape[-1]} pixels, got {tuple(a.shape)}")
+    x, y = a.double()[None, None], b.double()[None, None]
+    mu_x, mu_y = F.conv2d(x, w), F.conv2d(y, w)
+    var_x = F.conv2d(x * x, w) - mu_x ** 2
+    var_y = F.conv2d(y * y, w) - mu_y ** 2
+    cov = F.conv2d(x * y, w) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return float(s.mean())
+
+
+def depth_ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """SSIM of one (H, W) depth prediction against its target. Pixels without a measurement are set to 0 in
+    both maps, and the data range is the target's valid range, so the score depends on the target only."""
+    mask = valid_depth(target)
+    if not mask.any():
+        raise ValueError("no valid depth pixels")
+    t = torch.where(mask, target, torch.zeros_like(target))
+    p = torch.where(mask, pred, torch.zeros_like(pred))
+    return ssim(p, t, data_range=float(t[mask].max()) or 1.0)
+
+
+# ---- meters: accumulate over a stream ----------------------------------------------------------------------
+class ClassificationMeter:
+    """Top-1 accuracy and ECE; `class_subset` restricts the prediction to those output indices (ImageNet-A/R)."""
+    primary = "accuracy"
+
+    def __init__(self, class_subset: Optional[Sequence[int]] = None, n_bins: int = 15):
+        self.subset = torch.as_tensor(list(class_subset)) if class_subset is not None else None
+        self.n_bins = n_bins
+        self.confidence: List[float] = []
+        self.correct: List[bool] = []
+        self.n = 0
+
+    def update(self, outputs: torch.Tensor, target: torch.Tensor) -> None:
+        if outputs.dim() != 2:
+            raise ValueError(f"classification benchmarks need (B, K) logits, got shape {tuple(outputs.shape)}")
+        logits = outputs.detach().float().cpu()
+        if self.subset is not None:
+            logits = logits[:, self.subset]
+        probs = logits.softmax(1)
+        conf, pred = probs.max(1)
+        if self.subset is not None:
+            pred = self.subset[pred]
+        target = target.cpu()
+        self.n += len(target)
+        mask = target >= 0
+        self.confidence += conf[mask].tolist()
+        self.correct += (pred[mask] == target[mask]).tolist()
+
+    def running(self) -> Optional[float]:
+        return sum(self.correct) / len(self.correct) if self.correct else None
+
+    def compute(self) -> Dict[str, Optional[float]]:
+        if not self.correct:
+            return {"accuracy": None, "error": None, "ece": None, "n_labelled": 0}
+        acc = sum(self.correct) / len(self.correct)
+        return {"accuracy": acc, "error": 1 - acc,
+                "ece": expected_calibration_error(self.confidence, self.correct, self.n_bins),
+                "n_labelled": len(self.correct)}
+
+
+class SegmentationMeter:
+    """mIoU and pixel accuracy; logits are resized (bilinear) to the target's size before the argmax."""
+    primary = "miou"
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.n = 0
+
+    def update(self, outputs: torch.Tensor, target: torch.Tensor) -> None:
+        if outputs.dim() != 4 or outputs.shape[1] != self.num_classes:
+            raise ValueError(f"segmentation needs (B, {self.num_classes}, H, W) logits, got {tuple(outputs.shape)}")
+        if outputs.shape[-2:] != target.shape[-2:]:
+            outputs = F.interpolate(outputs.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+        self.conf += confusion_matrix(outputs.argmax(1).cpu(), target.cpu(), self.num_classes, self.ignore_index)
+        self.n += len(target)
+
+    def running(self) -> Optional[float]:
+        return pixel_accuracy(self.conf) if self.conf.sum() else None
+
+    def compute(self) -> Dict[str, Optional[float]]:
+        if not self.conf.sum():
+            return {"miou": None, "pixel_accuracy": None}
+        return {"miou": mean_iou(self.conf), "pixel_accuracy": pixel_accuracy(self.conf)}
+
+
+class DepthMeter:
+    """AbsRel, RMSE, delta1 (pooled over pixels) and SSIM (mean over images); predictions are resized to the
+    target's size."""
+    primary = "delta1"
+
+    def __init__(self):
+        self.sums = {"pixels": 0.0, "abs_rel": 0.0, "sq_err": 0.0, "delta1": 0.0}
+        self.ssims: List[float] = []
+        self.n = 0
+
+    def update(self, outputs: torch.Tensor, target: torch.Tensor) -> None:
+        if outputs.dim() != 4 or outputs.shape[1] != 1:
+            raise ValueError(f"depth benchmarks need (B, 1, H, W) predictions, got {tuple(outputs.shape)}")
+        target = target.cpu().float()
+        target = target[:, None] if target.dim() == 3 else target
+        pred = outputs.detach().float().cpu()
+        if pred.shape[-2:] != target.shape[-2:]:
+            pred = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        for key, value in depth_sums(pred, target).items():
+            self.sums[key] += value
+        for p, t in zip(pred[:, 0], target[:, 0]):
+            if valid_depth(t).any():
+                self.ssims.append(depth_ssim(p, t))
+        self.n += len(target)
+
+    def running(self) -> Optional[float]:
+        return self.sums["delta1"] / self.sums["pixels"] if self.sums["pixels"] else None
+
+    def compute(self) -> Dict[str, Optional[float]]:
+        if not self.sums["pixels"]:
+            return {"abs_rel": None, "rmse": None, "delta1": None, "ssim": None}
+        out = depth_from_sums(self.sums)
+        out["ssim"] = sum(self.ssims) / len(self.ssims)
+        return out
+
+
+# Which metrics a report shows per task, and whether larger is better (for "change against source").
+TASK_METRICS: Dict[str, List[Tuple[str, bool]]] = {
+    "classification": [("accuracy", True), ("ece", False)],
+    "segmentation": [("miou", True), ("pixel_accuracy", True)],
+    "depth": [("abs_rel", False), ("rmse", False), ("delta1", True), ("ssim", True)],
+}
+
+
+def make_meter(task: str, num_classes: Optional[int] = None, class_subset: Optional[Iterable[int]] = None):
+    if task == "classification":
+        return ClassificationMeter(list(class_subset) if class_subset is not None else None)
+    if task == "segmentation":
+        if not num_classes:
+            raise ValueError("segmentation metrics need the number of classes (the model's class_names)")
+        return SegmentationMeter(num_classes)
+    if task == "depth":
+        return DepthMeter()
+    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASK_METRICS)}")

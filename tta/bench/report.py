@@ -1,0 +1,289 @@
+"""Reports generated from result rows, never typed: markdown and CSV tables (method x domain, mean, change
+against the source model, mCE) and plots (per-domain bars; accuracy against adaptation steps and against wall
+time), written next to the results.
+
+    tta report results/imagenet-c.jsonl        -> results/imagenet-c.md, .csv, imagenet-c-*.png
+    tta compare a.jsonl b.jsonl --out results/cmp
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .metrics import MCE_BASELINES, TASK_METRICS, mean_corruption_error
+from .results import read_rows
+
+FRACTIONS = {"accuracy", "error", "ece", "miou", "pixel_accuracy", "delta1", "ssim"}  # shown in percent
+GROUP_FIELDS = ("benchmark", "model", "data_id", "setting")
+
+
+def _domain_label(row) -> str:
+    return f"{row['domain']}-{row['severity']}" if row.get("severity") is not None else row["domain"]
+
+
+def _fmt(metric: str, value: Optional[float]) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{100 * value:.1f}" if metric in FRACTIONS else f"{value:.3f}"
+
+
+def _scale(metric: str, value: Optional[float]) -> Optional[float]:
+    return None if value is None else (100 * value if metric in FRACTIONS else value)
+
+
+class Group:
+    """The rows of one (benchmark, model, data, setting): a method x domain table per metric."""
+
+    def __init__(self, key: Tuple, rows: List[dict]):
+        self.key = key
+        self.rows = rows
+        self.task = rows[0].get("task", "classification")
+        self.domains: List[str] = list(OrderedDict.fromkeys(_domain_label(r) for r in rows))
+        labels = self._method_labels(rows)
+        self.methods: List[str] = list(OrderedDict.fromkeys(labels[id(r)] for r in rows))
+        self.cells: Dict[Tuple[str, str], dict] = {}
+        for r in rows:
+            self.cells.setdefault((labels[id(r)], _domain_label(r)), r)
+        self.method_rows = {m: [r for r in rows if labels[id(r)] == m] for m in self.methods}
+
+    @staticmethod
+    def _method_labels(rows) -> Dict[int, str]:
+        """Method label, made unique with the config id and then the source file where runs collide."""
+        def collide(label_of):
+            seen: Dict[Tuple[str, str], set] = {}
+            for r in rows:
+                seen.setdefault((label_of(r), _domain_label(r)), set()).add(id(r))
+            return {lab for (lab, _), ids in seen.items() if len(ids) > 1}
+        labels = {id(r): r["method"] for r in rows}
+        clash = collide(lambda r: labels[id(r)])
+        for r in rows:
+            if labels[id(r)] in clash:
+                labels[id(r)] = f"{r['method']} ({r['config_id'][:6]})"
+        clash = collide(lambda r: labels[id(r)])
+        for r in rows:
+            if labels[id(r)] in clash and r.get("_source"):
+                labels[id(r)] = f"{labels[id(r)]} [{r['_source']}]"
+        return labels
+
+    @property
+    def title(self) -> str:
+        benchmark, model, data_id, setting = self.key
+        return f"{benchmark} | {model} | {setting} | {data_id}"
+
+    def value(self, method: str, domain: str, metric: str) -> Optional[float]:
+        row = self.cells.get((method, domain))
+        return None if row is None else row["metrics"].get(metric)
+
+    def mean(self, method: str, metric: str) -> Optional[float]:
+        """Mean over domains; None unless the method has every domain (a partial mean would mislead)."""
+        values = [self.value(method, d, metric) for d in self.domains]
+        if any(v is None for v in values):
+            return None
+        return sum(values) / len(values)
+
+    def source_method(self) -> Optional[str]:
+        for m in self.methods:
+            if self.method_rows[m][0].get("adapter") == "source":
+                return m
+        return None
+
+    def mce(self, method: str) -> Tuple[Optional[float], str]:
+        """mCE over the corrupted domains: AlexNet-normalised where the benchmark asks for it and the five
+        severities of every corruption are present, otherwise unnormalised."""
+        errors = {(r["domain"], int(r["severity"])): r["metrics"]["error"] for r in self.method_rows[method]
+                  if r.get("severity") is not None and r["metrics"].get("error") is not None}
+        if not errors:
+            return None, ""
+        baseline = MCE_BASELINES.get(self.rows[0].get("mce_baseline") or "")
+        if baseline:
+            try:
+                return mean_corruption_error(errors, baseline)["mCE"], "mCE (AlexNet)"
+            except ValueError:
+                pass  # not all severities / corruptions: fall back to the unnormalised mean
+        return mean_corruption_error(errors)["mCE"], "mCE (unnorm.)"
+
+    def metrics(self) -> List[Tuple[str, bool]]:
+        present = {k for r in self.rows for k, v in r["metrics"].items() if v is not None}
+        return [(m, up) for m, up in TASK_METRICS.get(self.task, []) if m in present]
+
+    def table(self, metric: str) -> Tuple[List[str], List[List[str]]]:
+        source = self.source_method()
+        header = ["method"] + self.domains + ["mean"] + ([f"vs {source}"] if source else [])
+        mce_label = ""
+        if metric == "accuracy":
+            mce_label = next((self.mce(m)[1] for m in self.methods if self.mce(m)[1]), "")
+            if mce_label:
+                header.append(mce_label)
+        body = []
+        for m in self.methods:
+            mean = self.mean(m, metric)
+            cells = [m] + [_fmt(metric, self.value(m, d, metric)) for d in self.domains] + [_fmt(metric, mean)]
+            if source:
+                ref = self.mean(source, metric)
+                delta = None if mean is None or ref is None else mean - ref
+                cells.append("" if delta is None else f"{_scale(metric, delta):+.1f}" if metric in FRACTIONS
+                             else f"{delta:+.3f}")
+            if mce_label:
+                cells.append(_fmt("error", self.mce(m)[0]))
+            body.append(cells)
+        return header, body
+
+    def cost(self) -> List[List[str]]:
+        out = []
+        for m in self.methods:
+            rows = self.method_rows[m]
+            n = sum(r["n"] for r in rows)
+            secs = sum(r["seconds_model"] for r in rows) if rows[0]["setting"] != "mixed" else rows[0]["seconds_model"]
+            out.append([m, str(rows[0]["batch_size"]), str(n), f"{secs:.1f}", f"{n / secs:.2f}" if secs else "",
+                        rows[0].get("device", "")])
+        return out
+
+
+def group_rows(rows: Sequence[dict]) -> List[Group]:
+    groups: Dict[Tuple, List[dict]] = OrderedDict()
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in GROUP_FIELDS), []).append(r)
+    return [Group(k, v) for k, v in groups.items()]
+
+
+def _markdown_table(header: List[str], body: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+# ---- plots -------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_domains(group: Group, metric: str, path: Path) -> Path:
+    plt = _plt()
+    import numpy as np
+    x = np.arange(len(group.domains))
+    width = 0.8 / max(1, len(group.methods))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(group.domains) * max(1, len(group.methods)) / 2 + 3), 4))
+    for i, m in enumerate(group.methods):
+        vals = [_scale(metric, group.value(m, d, metric)) for d in group.domains]
+        ax.bar(x + i * width - 0.4 + width / 2, [v if v is not None else 0 for v in vals], width, label=m)
+    ax.set_xticks(x)
+    ax.set_xticklabels(group.domains, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(metric + (" (%)" if metric in FRACTIONS else ""))
+    ax.set_title(group.title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_steps(group: Group, path: Path) -> Path:
+    """Running value of the primary metric against adaptation steps (batches x steps per batch), averaged
+    over domains up to the shortest domain."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    metric = group.rows[0].get("primary_metric", "accuracy")
+    for m in group.methods:
+        curves = [r["curve"] for r in group.method_rows[m] if r.get("curve")]
+        if not curves:
+            continue
+        steps = group.method_rows[m][0].get("steps_per_batch") or 1
+        length = min(len(c) for c in curves)
+        xs = [curves[0][i][0] * steps for i in range(length)]
+        ys = []
+        for i in range(length):
+            vals = [c[i][2] for c in curves if c[i][2] is not None]
+            ys.append(_scale(metric, sum(vals) / len(vals)) if vals else float("nan"))
+        ax.plot(xs, ys, marker=".", label=m)
+    ax.set_xlabel("adaptation steps (batches x steps per batch)")
+    ax.set_ylabel(f"running {metric}" + (" (%)" if metric in FRACTIONS else "") + ", mean over domains")
+    ax.set_title(group.title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_time(group: Group, path: Path) -> Path:
+    """Mean primary metric over domains against the model's total wall time (adaptation + prediction)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    metric = group.rows[0].get("primary_metric", "accuracy")
+    for cost, m in zip(group.cost(), group.methods):
+        mean = group.mean(m, metric)
+        if mean is not None:
+            ax.scatter([float(cost[3])], [_scale(metric, mean)], label=m)
+            ax.annotate(m, (float(cost[3]), _scale(metric, mean)), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("model wall time, s (log scale)")
+    ax.set_ylabel(f"mean {metric}" + (" (%)" if metric in FRACTIONS else ""))
+    ax.set_title(group.title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---- the report ----------------------------------------------------------------------------------------------
+def load_results(paths: Sequence) -> List[dict]:
+    rows = []
+    for p in paths:
+        for r in read_rows(p):
+            r["_source"] = Path(p).stem
+            rows.append(r)
+    if not rows:
+        raise ValueError(f"no result rows in {', '.join(map(str, paths))}; run `tta bench` first")
+    return rows
+
+
+def write_report(paths: Sequence, out: Optional[str] = None, plots: bool = True) -> Dict[str, List[Path]]:
+    """Write <out>.md, <out>.csv and <out>-*.png (out defaults to the first results file without suffix)."""
+    paths = [Path(p) for p in paths]
+    rows = load_results(paths)
+    prefix = Path(out) if out else paths[0].with_suffix("")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    groups = group_rows(rows)
+    md = [f"# Results: {', '.join(p.name for p in paths)}", "",
+          "Generated by `tta report` from the result rows; do not edit by hand. Values in percent except AbsRel and "
+          "RMSE; `vs source` is the change of the mean against the unadapted model; a mean is left blank unless "
+          "the method has every domain.", ""]
+    csv_rows: List[List[str]] = []
+    domain_union = list(OrderedDict.fromkeys(d for g in groups for d in g.domains))
+    images: List[Path] = []
+    for gi, g in enumerate(groups):
+        md += [f"## {g.title}", ""]
+        source = g.source_method()
+        for metric, higher in g.metrics():
+            header, body = g.table(metric)
+            md += [f"**{metric}** ({'higher' if higher else 'lower'} is better)", "", _markdown_table(header, body), ""]
+            for cells in body:
+                by_domain = dict(zip(g.domains, cells[1:1 + len(g.domains)]))
+                tail = cells[1 + len(g.domains):]
+                csv_rows.append([*g.key, metric, cells[0]] + [by_domain.get(d, "") for d in domain_union]
+                                + [tail[0], tail[1] if source else ""])
+        cost_header = ["method", "batch size", "images", "model seconds", "images/s", "device"]
+        md += ["**cost**", "", _markdown_table(cost_header, g.cost()), ""]
+        if plots:
+            primary = g.rows[0].get("primary_metric", "accuracy")
+            stem = f"{prefix.name}-{gi}-{g.key[3]}"
+            made = [plot_domains(g, primary, prefix.parent / f"{stem}-domains.png"),
+                    plot_steps(g, prefix.parent / f"{stem}-steps.png"),
+                    plot_time(g, prefix.parent / f"{stem}-time.png")]
+            images += made
+            md += [f"![{p.stem}]({p.name})" for p in made] + [""]
+        revs = sorted({str(r.get("git")) for r in g.rows})
+        md += [f"_{len(g.rows)} rows; git {', '.join(revs)}; seeds {sorted({r['seed'] for r in g.rows})}_", ""]
+    md_path, csv_path = Path(f"{prefix}.md"), Path(f"{prefix}.csv")
+    md_path.write_text("\n".join(md))
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(list(GROUP_FIELDS) + ["metric", "method"] + domain_union + ["mean", "vs_source"])
+        w.writerows(csv_rows)
+    return {"markdown": [md_path], "csv": [csv_path], "plots": images}

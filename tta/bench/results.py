@@ -1,0 +1,152 @@
+"""The results store: one JSON object per line, each row written whole and keyed, so runs resume.
+
+A row is appended with a single write, then flushed and fsynced, under an exclusive lock, so a crash leaves
+at most one partial last line. Opening the store repairs that: the fragment after the last newline is cut off
+(complete rows are never touched) and its key is simply run again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+KEY_FIELDS = ("benchmark", "method", "config_id", "model", "data_id", "domain", "severity", "setting",
+              "batch_size", "seed")
+
+
+def config_id(config: Dict[str, Any]) -> str:
+    """A short stable hash of a config dict (key order and JSON number formatting do not matter)."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def row_key(row: Dict[str, Any]) -> str:
+    missing = [k for k in KEY_FIELDS if k not in row]
+    if missing:
+        raise KeyError(f"result row lacks key field(s) {missing}")
+    return json.dumps([row[k] for k in KEY_FIELDS], default=str)
+
+
+def _lock(f) -> None:
+    try:
+        import fcntl
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    except ImportError:  # Windows: no advisory locks; a single writer per file is then the user's job
+        pass
+
+
+def read_rows(path) -> List[Dict[str, Any]]:
+    """Complete rows of a results file; a partial last line (a crash mid-write) is skipped with a warning."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file {str(path)!r} does not exist; produce it with `tta bench`")
+    rows = []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # after the last newline: b"" for a complete file
+    if tail.strip():
+        warnings.warn(f"{path}: ignoring an incomplete last line ({len(tail)} bytes) from an interrupted write")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n} is not a JSON row ({err}); it was edited by hand? remove that line") from err
+    return rows
+
+
+class ResultStore:
+    """Append-only JSON-lines file of result rows, with the keys already present for resuming."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.keys = set()
+        if self.path.is_file():
+            self._repair()
+            self.keys = {row_key(r) for r in read_rows(self.path)}
+
+    def _repair(self) -> None:
+        """Cut a partial last line so the next row starts on a line of its own."""
+        with open(self.path, "rb+") as f:
+            _lock(f)
+            data = f.read()
+            cut = data.rfind(b"\n") + 1
+            if cut < len(data):
+                warnings.warn(f"{self.path}: removing an incomplete last line ({len(data) - cut} bytes) left by an "
+                              "interrupted run; its row will be computed again")
+                f.truncate(cut)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys
+
+    def append(self, row: Dict[str, Any]) -> bool:
+        """Write `row` unless its key is present; returns whether it was written."""
+        key = row_key(row)
+        if key in self.keys:
+            return False
+        line = (json.dumps(row, sort_keys=True, default=_json_default) + "\n").encode()
+        with open(self.path, "ab") as f:
+            _lock(f)
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.keys.add(key)
+        return True
+
+    def rows(self) -> List[Dict[str, Any]]:
+        return read_rows(self.path) if self.path.is_file() else []
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+# ---- provenance --------------------------------------------------------------------------------------------
+def package_versions(names: Iterable[str] = ("tta", "torch", "torchvision", "timm", "open_clip_torch",
+                                             "segmentation-models-pytorch", "diffusers", "numpy",
+                                             "imagecorruptions-imaug")) -> Dict[str, Optional[str]]:
+    from importlib import metadata
+    out: Dict[str, Optional[str]] = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_revision(path=None) -> Optional[str]:
+    """The commit of the checkout holding the package, with "+dirty" for uncommitted changes; None outside git."""
+    where = Path(path or Path(__file__).resolve().parent)
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_description(device: str) -> str:
+    import platform
+    import torch
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    cpu = platform.processor() or platform.machine()
+    return f"{dev.type}:{cpu} x{os.cpu_count()} threads={torch.get_num_threads()}"

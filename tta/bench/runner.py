@@ -1,0 +1,267 @@
+"""Run a benchmark: every (method, setting, seed) over the domains of the data, one result row per domain.
+
+Rows already in the results file are skipped, so an interrupted run picks up where it stopped. Settings whose
+model carries state across domains (continual, mixed) replay the stream from its start when any of their rows
+is missing, and write only the missing rows: the adapted state a row depends on is never skipped.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..data.streams import Domain, iterate_domain, iterate_stream
+from .datasets import BuildContext, build_domains
+from .metrics import make_meter
+from .results import ResultStore, config_id, device_description, git_revision, package_versions, row_key
+from .spec import BenchmarkSpec, MethodSpec
+
+MAX_CURVE_POINTS = 100
+
+
+@dataclass
+class Job:
+    method: MethodSpec
+    setting: str
+    seed: int
+    batch_size: int
+    config: Dict[str, Any]       # the adapter's full config (defaults + overrides + the setting's `episodic`)
+
+    @property
+    def config_id(self) -> str:
+        return config_id(self.config)
+
+
+def plan_jobs(spec: BenchmarkSpec, methods: List[MethodSpec]) -> List[Job]:
+    """All (method, setting, seed) runs; configs are resolved (and typos caught) before anything runs."""
+    jobs = []
+    for m in methods:
+        base = m.resolved_config()
+        for setting in m.settings or spec.settings:
+            cfg = dataclasses.replace(base, episodic=setting == "episodic")  # the setting owns resetting
+            for seed in spec.seeds:
+                jobs.append(Job(m, setting, seed, m.batch_size or spec.batch_size, dataclasses.asdict(cfg)))
+    return jobs
+
+
+def data_descriptor(spec: BenchmarkSpec, limit: Optional[int]) -> Dict[str, Any]:
+    """What defines the data of a row, without machine-specific paths (root, cache)."""
+    desc = {k: v for k, v in dataclasses.asdict(spec.data).items() if k not in ("root", "cache")}
+    desc["limit"] = limit
+    return desc
+
+
+def model_id(spec: BenchmarkSpec) -> str:
+    m = spec.model
+    if m.weights:
+        return f"{m.label}+{Path(m.weights).name}"
+    return m.label if m.pretrained else f"{m.label}+random"
+
+
+class _Progress:
+    """tqdm bars: one over all batches to run (with ETA) and one per domain."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from tqdm.auto import tqdm
+            self.tqdm = tqdm
+            self.overall = tqdm(total=total, desc="overall", unit="batch", position=0)
+
+    def domain(self, total: int, desc: str):
+        if not self.enabled:
+            return None
+        return self.tqdm(total=total, desc=desc, unit="batch", position=1, leave=False)
+
+    def close(self):
+        if self.enabled:
+            self.overall.close()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _thin(curve: List[List[float]]) -> List[List[float]]:
+    if len(curve) <= MAX_CURVE_POINTS:
+        return curve
+    step = len(curve) / MAX_CURVE_POINTS
+    keep = sorted({int(i * step) for i in range(MAX_CURVE_POINTS)} | {len(curve) - 1})
+    return [curve[i] for i in keep]
+
+
+class Runner:
+    def __init__(self, spec: BenchmarkSpec, out, methods: Optional[List[str]] = None, limit: Optional[int] = None,
+                 device: Optional[str] = None, data_root: Optional[str] = None, download: bool = False,
+                 progress: bool = True, num_workers: Optional[int] = None):
+        if data_root is not None:
+            spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, root=str(data_root)))
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit must be a positive number of images per domain, got {limit}")
+        self.spec = spec
+        self.store = ResultStore(out)
+        self.jobs = plan_jobs(spec, spec.select(methods))
+        self.limit = limit
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.download = download
+        self.progress = progress
+        self.num_workers = spec.num_workers if num_workers is None else num_workers
+        self.data = data_descriptor(spec, limit)
+        self.data_id = f"{spec.data.kind}:{config_id(self.data)}"
+        self.model_id = model_id(spec)
+        self.provenance = {"device": device_description(str(self.device)), "versions": package_versions(),
+                           "git": git_revision()}
+
+    # ---- keys ----------------------------------------------------------------------------------------------
+    def _row_base(self, job: Job, domain: Domain) -> Dict[str, Any]:
+        return {"benchmark": self.spec.name, "method": job.method.label, "adapter": job.method.name,
+                "config": job.config, "config_id": job.config_id, "model": self.model_id, "data_id": self.data_id,
+                "data": self.data, "domain": domain.name, "severity": domain.severity, "setting": job.setting,
+                "batch_size": job.batch_size, "seed": job.seed}
+
+    def _missing(self, job: Job, domains: List[Domain]) -> List[bool]:
+        return [row_key(self._row_base(job, d)) not in self.store for d in domains]
+
+    # ---- running -------------------------------------------------------------------------------------------
+    def run(self) -> Dict[str, int]:
+        """Run every job; returns counts of rows written and skipped."""
+        spec = self.spec
+        base_model = None
+        if spec.model.per_domain:
+            bad = [j.setting for j in self.jobs if j.setting in ("continual", "mixed")]
+            if bad:
+                raise ValueError(f"model.class_names: data gives each domain its own model head, so the stream "
+                                 f"cannot carry one model across domains; use episodic or reset_per_shift, not {bad}")
+            input_size, class_names, task = tuple(spec.model.input_size), None, None
+        else:
+            base_model = spec.model.build().eval()
+            input_size, class_names, task = base_model.input_size, base_model.class_names, base_model.task
+        ctx = BuildContext(tuple(input_size), class_names, self.download, self.limit)
+        domains = build_domains(spec.data, ctx)
+        if not domains:
+            raise ValueError("the data section yields no domains; list corruptions or set clean: true")
+
+        todo = []
+        for job in self.jobs:
+            missing = self._missing(job, domains)
+            if not any(missing):
+                continue
+            replay = job.setting in ("continual", "mixed")
+            run_domains = list(range(len(domains))) if replay else [k for k, m in enumerate(missing) if m]
+            todo.append((job, run_domains))
+        skipped = sum(len(domains) for _ in self.jobs) - sum(sum(self._missing(j, domains)) for j, _ in todo)
+        total = sum(-(-len(domains[k].dataset) // job.batch_size) for job, ks in todo for k in ks)
+        bars = _Progress(total, self.progress)
+        written = 0
+        try:
+            for job, ks in todo:
+                torch.manual_seed(job.seed)
+                if spec.model.per_domain:
+                    for k in ks:
+                        d = domains[k]
+                        model = spec.model.build(d.class_names, d.templates).eval()
+                        adapter = self._adapter(job, model)
+                        written += self._run_domains(job, adapter, domains, [k], model.task, bars)
+                        del adapter, model
+                else:
+                    adapter = self._adapter(job, copy.deepcopy(base_model))
+                    if job.setting == "mixed":
+                        written += self._run_mixed(job, adapter, domains, task, bars)
+                    else:
+                        written += self._run_domains(job, adapter, domains, ks, task, bars)
+                    del adapter
+        finally:
+            bars.close()
+        return {"written": written, "skipped": skipped, "jobs": len(self.jobs)}
+
+    def _adapter(self, job: Job, model: torch.nn.Module):
+        from ..adapter import create_adapter
+        return create_adapter(job.method.name, model.to(self.device), **job.config)
+
+    def _meter(self, domain: Domain, task: str, model_classes: Optional[int]):
+        n = len(domain.class_names) if domain.class_names else model_classes
+        return make_meter(task, n, domain.class_subset)
+
+    def _step(self, adapter, x: torch.Tensor) -> (torch.Tensor, float):
+        x = x.to(self.device, non_blocking=True)
+        _sync(self.device)
+        start = time.perf_counter()
+        out = adapter(x)
+        _sync(self.device)
+        return out.detach(), time.perf_counter() - start
+
+    def _run_domains(self, job: Job, adapter, domains: List[Domain], ks: List[int], task: str, bars) -> int:
+        written = 0
+        classes = len(adapter.model.class_names) if getattr(adapter.model, "class_names", None) else None
+        for k in ks:
+            d = domains[k]
+            meter = self._meter(d, task, classes)
+            curve, model_s, batches = [], 0.0, 0
+            bar = bars.domain(-(-len(d.dataset) // job.batch_size), f"{job.method.label} {job.setting} {d.label}")
+            start = time.perf_counter()
+            for batch in iterate_domain(domains, k, job.setting, job.batch_size, job.seed, self.spec.shuffle,
+                                        self.num_workers):
+                if batch.reset and job.setting != "episodic":  # episodic adapters reset themselves after each call
+                    adapter.reset()
+                out, seconds = self._step(adapter, batch.x)
+                meter.update(out, batch.y)
+                model_s += seconds
+                batches += 1
+                curve.append([batches, meter.n, meter.running(), round(model_s, 4)])
+                if bar is not None:
+                    bar.update()
+                    bars.overall.update()
+            if bar is not None:
+                bar.close()
+            written += self._write(job, d, meter, curve, batches, model_s, time.perf_counter() - start, task)
+        return written
+
+    def _run_mixed(self, job: Job, adapter, domains: List[Domain], task: str, bars) -> int:
+        classes = len(adapter.model.class_names) if getattr(adapter.model, "class_names", None) else None
+        meters = [self._meter(d, task, classes) for d in domains]
+        curves: List[List[list]] = [[] for _ in domains]
+        batches, model_s = [0] * len(domains), 0.0
+        bar = bars.domain(-(-sum(len(d.dataset) for d in domains) // job.batch_size), f"{job.method.label} mixed")
+        start = time.perf_counter()
+        for batch in iterate_stream(domains, "mixed", job.batch_size, job.seed, self.spec.shuffle, self.num_workers):
+            out, seconds = self._step(adapter, batch.x)
+            model_s += seconds
+            for k in batch.domain.unique().tolist():
+                sel = batch.domain == k
+                meters[k].update(out[sel.to(out.device)], batch.y[sel])
+                batches[k] += 1
+                curves[k].append([batch.index + 1, meters[k].n, meters[k].running(), round(model_s, 4)])
+            if bar is not None:
+                bar.update()
+                bars.overall.update()
+        if bar is not None:
+            bar.close()
+        wall = time.perf_counter() - start
+        # In a mixed stream the time is shared: each domain's row carries the whole stream's time.
+        return sum(self._write(job, d, meters[k], curves[k], batches[k], model_s, wall, task)
+                   for k, d in enumerate(domains))
+
+    def _write(self, job: Job, domain: Domain, meter, curve, batches: int, model_s: float, wall_s: float,
+               task: str) -> int:
+        row = self._row_base(job, domain)
+        row.update({
+            "task": task, "metrics": meter.compute(), "primary_metric": meter.primary, "n": meter.n,
+            "n_batches": batches, "steps_per_batch": job.config.get("steps"), "seconds": round(wall_s, 4),
+            "seconds_model": round(model_s, 4), "curve": _thin(curve), "domain_info": domain.info,
+            "mce_baseline": self.spec.mce_baseline,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **self.provenance,
+        })
+        return int(self.store.append(row))
+
+
+def run_benchmark(spec: BenchmarkSpec, out, **kwargs) -> Dict[str, int]:
+    """Run `spec`, appending rows to the JSON-lines file `out` (see Runner for the keyword arguments)."""
+    return Runner(spec, out, **kwargs).run()

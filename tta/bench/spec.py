@@ -1,0 +1,208 @@
+"""Benchmark files: one YAML file per benchmark in benchmarks/, read into dataclasses. Unknown keys are errors
+at every level, so a typo never silently runs the wrong experiment.
+
+    name: imagenet-c
+    description: ...
+    model: {name: tv:resnet50@IMAGENET1K_V1}          # or {factory: pkg.module:fn, weights: ckpt.pt, ...}
+    data: {kind: imagenet-c, root: ~/data/ImageNet-C, corruptions: standard, severities: [5], per_class: 5}
+    settings: [continual, reset_per_shift]
+    seeds: [0]
+    batch_size: 64
+    methods:
+      - name: source
+      - {name: tent, config: {lr: 2.5e-4}}
+      - {name: memo, label: memo-episodic, batch_size: 1, settings: [episodic]}
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from ..data.streams import check_setting
+from .datasets import DataConfig, parse_data_config
+
+
+def strict_dataclass(cls, values: Any, where: str):
+    """Build dataclass `cls` from a mapping; unknown or missing keys raise with the list of valid ones."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping of keys to values, got {type(values).__name__}: {values!r}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {', '.join(valid)}")
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ValueError(f"{where}: {err}; valid keys: {', '.join(valid)}") from err
+
+
+@dataclass
+class ModelSpec:
+    """A `tta.create_model` spec (`name`), or a Python factory returning an nn.Module that is wrapped with
+    `mean`, `std`, `input_size` and `class_names` (for networks of your own, e.g. a CIFAR WideResNet)."""
+    name: Optional[str] = None
+    factory: Optional[str] = None            # "package.module:function"
+    weights: Optional[str] = None            # a local checkpoint (never a download)
+    pretrained: bool = True
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    class_names: Union[None, str, List[str]] = None  # "data": each domain's own classes (zero-shot heads)
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    input_size: Optional[List[int]] = None
+    task: Optional[str] = None
+
+    def __post_init__(self):
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("model needs exactly one of `name` (a tta.create_model spec such as timm:resnet50) or "
+                             "`factory` (package.module:function returning an nn.Module)")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"model.factory must look like package.module:function, got {self.factory!r}")
+        if self.class_names == "data" and self.input_size is None:
+            raise ValueError("model.class_names: data builds one model per domain, so the data must be read "
+                             "before any model exists: give model.input_size, e.g. [3, 224, 224]")
+        if isinstance(self.class_names, str) and self.class_names != "data":
+            raise ValueError(f"model.class_names must be a list, 'data' or absent, got {self.class_names!r}")
+
+    @property
+    def per_domain(self) -> bool:
+        return self.class_names == "data"
+
+    @property
+    def label(self) -> str:
+        return self.name or self.factory
+
+    def build(self, class_names: Optional[List[str]] = None, templates=None):
+        """The wrapped model; `class_names` / `templates` come from the domain when class_names is 'data'."""
+        from ..models import create_model, wrap_model
+        from ..models.weights import load_weights
+        names = class_names if self.per_domain else self.class_names
+        kwargs = dict(self.kwargs)
+        if self.name is not None:
+            if names is not None:
+                kwargs["class_names"] = names
+            if templates is not None and self.name.startswith("clip:"):
+                kwargs["templates"] = tuple(templates)
+            if self.task is not None:
+                kwargs["task"] = self.task
+            for key in ("mean", "std"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"model.{key} applies to factory models; {self.name} brings its own normalisation")
+            if self.input_size is not None and self.name.startswith("smp:"):
+                kwargs["input_size"] = tuple(self.input_size)
+            model = create_model(self.name, pretrained=self.pretrained, weights=self._weights(), **kwargs)
+            if self.input_size is not None:  # evaluate at another resolution (convolutional networks allow it)
+                model.input_size = tuple(self.input_size)
+            return model
+        module, _, fn = self.factory.partition(":")
+        try:
+            net = getattr(importlib.import_module(module), fn)(**kwargs)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"cannot import model.factory {self.factory!r} ({err}); install the package that "
+                             "defines it or fix the name") from err
+        if self.weights is not None:
+            load_weights(net, self._weights())
+        extra = {k: v for k, v in (("mean", self.mean), ("std", self.std)) if v is not None}
+        return wrap_model(net, class_names=names, input_size=tuple(self.input_size or (3, 224, 224)),
+                          task=self.task or "classification", name=self.factory, **extra)
+
+    def _weights(self) -> Optional[Path]:
+        from .datasets import expand_path
+        return expand_path(self.weights, "model.weights", "or edit model.weights") if self.weights else None
+
+
+@dataclass
+class MethodSpec:
+    """One method run: the adapter `name`, its config overrides, and optionally its own batch size / settings."""
+    name: str
+    label: Optional[str] = None
+    config: Dict[str, Any] = field(default_factory=dict)
+    batch_size: Optional[int] = None
+    settings: Optional[List[str]] = None
+
+    def __post_init__(self):
+        self.label = self.label or self.name
+        for s in self.settings or []:
+            check_setting(s)
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"method {self.label}: batch_size must be a positive integer, got {self.batch_size!r}")
+
+    def resolved_config(self):
+        """The method's full config dataclass (defaults + overrides), checked without building a model."""
+        from ..adapter import ADAPTERS, make_config
+        cls = ADAPTERS.get(self.name)
+        try:
+            return make_config(cls.Config, None, self.config)
+        except TypeError as err:
+            raise ValueError(f"method {self.label}: {err}") from err
+
+
+@dataclass
+class BenchmarkSpec:
+    name: str
+    model: ModelSpec
+    data: DataConfig
+    methods: List[MethodSpec]
+    description: str = ""
+    settings: List[str] = field(default_factory=lambda: ["continual"])
+    seeds: List[int] = field(default_factory=lambda: [0])
+    batch_size: int = 64
+    shuffle: bool = True              # seeded permutation within each domain
+    num_workers: int = 0
+    mce_baseline: Optional[str] = None   # "alexnet": normalise mCE by AlexNet's errors (ImageNet-C)
+    source_file: Optional[str] = None
+
+    def __post_init__(self):
+        for s in self.settings:
+            check_setting(s)
+        labels = [m.label for m in self.methods]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"method label(s) {dup} appear twice; give each run of a method its own `label`")
+        if not self.methods:
+            raise ValueError("a benchmark needs at least one method")
+        if self.mce_baseline is not None:
+            from .metrics import MCE_BASELINES
+            if self.mce_baseline not in MCE_BASELINES:
+                raise ValueError(f"mce_baseline must be one of {', '.join(MCE_BASELINES)} or absent")
+
+    def select(self, labels: Optional[List[str]]) -> List[MethodSpec]:
+        if not labels:
+            return list(self.methods)
+        known = {m.label: m for m in self.methods}
+        missing = [x for x in labels if x not in known]
+        if missing:
+            raise ValueError(f"--methods {missing} not in {self.source_file or self.name}; its methods are "
+                             f"{', '.join(known)}")
+        return [known[x] for x in labels]
+
+
+def parse_spec(values: Dict[str, Any], source_file: Optional[str] = None) -> BenchmarkSpec:
+    where = source_file or "benchmark"
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: a benchmark file holds a mapping at the top level")
+    values = dict(values)
+    for key in ("name", "model", "data", "methods"):
+        if key not in values:
+            raise ValueError(f"{where}: missing required key {key!r}")
+    values["model"] = strict_dataclass(ModelSpec, values["model"], f"{where}: model")
+    values["data"] = parse_data_config(values["data"]) if isinstance(values["data"], dict) else \
+        strict_dataclass(DataConfig, values["data"], f"{where}: data")
+    if not isinstance(values["methods"], list):
+        raise ValueError(f"{where}: methods must be a list")
+    values["methods"] = [strict_dataclass(MethodSpec, {"name": m} if isinstance(m, str) else m,
+                                          f"{where}: methods[{i}]") for i, m in enumerate(values["methods"])]
+    values["source_file"] = source_file
+    return strict_dataclass(BenchmarkSpec, values, where)
+
+
+def load_spec(path) -> BenchmarkSpec:
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist; the shipped ones are in benchmarks/")
+    with open(path) as f:
+        values = yaml.safe_load(f)
+    return parse_spec(values, str(path))

@@ -1,0 +1,26 @@
+"""`tta zoo list` and `tta zoo train NAME`."""
+from __future__ import annotations
+
+
+def cmd_zoo(args) -> int:
+    from . import ZOO, checkpoint_path, list_zoo, train
+    if args.action == "list":
+        for name in list_zoo():
+            path = checkpoint_path(name)
+            print(f"{name:<16} {ZOO.get(name).description}  [{'present' if path.exists() else 'missing'}: {path}]")
+        return 0
+    if not args.name:
+        raise ValueError(f"tta zoo train needs a member name: {', '.join(list_zoo())}")
+    train(args.name, args.out, args.steps, args.device, args.seed)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("zoo", help="list or (re)train the project's small model zoo")
+    p.add_argument("action", choices=["list", "train"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    p.add_argument("--out", help="where to write the checkpoint (default: the package's checkpoint folder)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_zoo)

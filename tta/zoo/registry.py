@@ -1,0 +1,53 @@
+"""Zoo bookkeeping: member name -> (builder, trainer), checkpoint location, the `zoo:` model source."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from ..models.sources import MODEL_SOURCES
+from ..registry import Registry
+
+ZOO = Registry("zoo model")
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+
+
+@dataclass
+class ZooMember:
+    name: str
+    description: str
+    train: Callable[..., dict]           # train(out: Path, steps: Optional[int], device: str, seed: int) -> metrics
+    load: Optional[Callable] = None      # load(path) -> ImageModel, for members that are discriminative models
+    filename: str = ""                   # checkpoint file or folder name under CHECKPOINTS
+
+
+def register_member(member: ZooMember) -> ZooMember:
+    return ZOO.register(member.name)(member)
+
+
+def checkpoint_path(name: str) -> Path:
+    member = ZOO.get(name)
+    return CHECKPOINTS / (member.filename or name)
+
+
+def list_zoo() -> List[str]:
+    return ZOO.names()
+
+
+def train(name: str, out: Optional[Path] = None, steps: Optional[int] = None, device: str = "cpu",
+          seed: int = 0) -> dict:
+    member = ZOO.get(name)
+    return member.train(Path(out) if out else checkpoint_path(name), steps=steps, device=device, seed=seed)
+
+
+@MODEL_SOURCES.register("zoo")
+def zoo_model(name: str, pretrained: bool = True, weights=None, **kwargs):
+    """`zoo:fmnist-cnn`: a classifier of the project's zoo, from its committed checkpoint (or `weights`)."""
+    member = ZOO.get(name)
+    if member.load is None:
+        raise ValueError(f"zoo member {name!r} is not a discriminative model; zoo models: "
+                         f"{', '.join(n for n in ZOO.names() if ZOO.get(n).load)}")
+    path = Path(weights) if weights is not None else checkpoint_path(name)
+    if pretrained and not path.exists():
+        raise FileNotFoundError(f"no checkpoint for zoo model {name!r} at {path}; create it with `tta zoo train {name}`")
+    return member.load(path if pretrained or weights is not None else None, **kwargs)
