@@ -39,3 +39,41 @@ def images():
 
 # Keep augmentation-heavy methods cheap in the tests.
 FAST = {"memo": {"n_augmentations": 4}, "cotta": {"n_augmentations": 2}}
+
+
+# ---- one small model (and batch) per registered method, for the contract tests -------------------------------
+def _it3_model():
+    from tta.nets import IT3Net
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    return IT3Net(net, num_outputs=5, layer="3"), {}, torch.rand(8, 3, 16, 16)
+
+
+def _slot_model():
+    from tta.nets import SlotAttentionAutoEncoder
+    torch.manual_seed(0)
+    model = SlotAttentionAutoEncoder(image_size=(16, 16), in_channels=1, num_slots=3, dim=16, hidden=8)
+    return model, {"steps": 3}, torch.rand(2, 1, 16, 16)
+
+
+def _mae_model():
+    import timm
+    from tta.nets import MaskedAutoencoderViT
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, depth=2,
+                            embed_dim=32, num_heads=2, in_chans=1, num_classes=3)
+    return MaskedAutoencoderViT(vit, decoder_dim=16), {"steps": 2, "views": 2}, torch.rand(2, 1, 16, 16)
+
+
+SPECIAL_MODELS = {"it3": _it3_model, "slow_inference": _slot_model, "ttt_mae": _mae_model}
+
+
+def model_and_config(name, **overrides):
+    """(model, config, batch) that `name` accepts: the shared TinyNet for most methods, their own for the rest."""
+    if name in SPECIAL_MODELS:
+        model, config, batch = SPECIAL_MODELS[name]()
+    else:
+        torch.manual_seed(1)
+        model, config, batch = tiny_model(sharpness=20.0), dict(FAST.get(name, {})), torch.rand(8, 3, 16, 16)
+    return model, {**config, **overrides}, batch

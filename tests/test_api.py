@@ -6,7 +6,7 @@ import torch
 import tta
 from tta.adapter import ADAPTERS
 
-from conftest import FAST, tiny_model
+from conftest import model_and_config, tiny_model
 
 BASELINES = {"source", "norm", "tent", "eata", "sar", "cotta", "memo"}
 
@@ -34,10 +34,11 @@ def test_invalid_config_values_are_refused(bad):
 
 @pytest.mark.parametrize("name", tta.list_adapters())
 def test_config_round_trips(name):
-    adapter = tta.create_adapter(name, tiny_model(), **FAST.get(name, {}))
+    model, config, _ = model_and_config(name)
+    adapter = tta.create_adapter(name, model, **config)
     values = dataclasses.asdict(adapter.cfg)
     assert type(adapter.cfg)(**values) == adapter.cfg
-    again = tta.create_adapter(name, tiny_model(), **values)
+    again = tta.create_adapter(name, model_and_config(name)[0], **values)
     assert again.cfg == adapter.cfg
 
 

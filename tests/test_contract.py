@@ -7,7 +7,7 @@ import torch
 import tta
 from tta.params import norm_layers
 
-from conftest import FAST, tiny_model
+from conftest import FAST, model_and_config, tiny_model
 
 ENTROPY_BASED = {"tent", "eata", "sar", "cotta", "memo"}
 
@@ -157,3 +157,23 @@ def test_sar_recovers_the_source_model_on_collapse(images):
     sar(images)
     assert sar.recoveries >= 1
     assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", tta.list_adapters())
+def test_every_adapter_resets_exactly_and_isolates_episodes(name):
+    """For every registered method, on a model it accepts: the trainable set is the adapted set, only it
+    changes, reset() is bit-exact, and an episodic call leaves every weight as it was."""
+    model, config, batch = model_and_config(name, episodic=False)
+    source = copy.deepcopy(model.state_dict())
+    adapter = tta.create_adapter(name, model, **config)
+    adapted = set(adapter.adapted_names)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == adapted
+    out = adapter(batch)
+    assert torch.isfinite(out).all()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(source[n], p)}
+    assert changed <= adapted
+    adapter.reset()
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items()), f"{name}: reset() is not exact"
+    episodic = tta.create_adapter(name, model, **{**config, "episodic": True})
+    episodic(batch)
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items()), f"{name}: an episode leaked"

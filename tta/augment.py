@@ -31,6 +31,6 @@ def cotta_augment(images: torch.Tensor) -> torch.Tensor:
 
 def _grey_safe(aug, images: torch.Tensor) -> torch.Tensor:
     """Colour jitter needs RGB: lift single-channel images to three channels and back."""
-    rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+    rgb = images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
     out = aug(rgb)
     return out.mean(1, keepdim=True) if images.shape[1] == 1 else out

@@ -235,3 +235,38 @@ def _nyuv2(cfg: NYUv2Config, ctx: BuildContext) -> List[Domain]:
     from ..data.dense import NYUv2Depth
     ds = NYUv2Depth(cfg.resolved_root("nyuv2"), ctx.input_size, cfg.depth_scale)
     return with_corruptions(ds, cfg, "nyuv2", ctx.input_size, name="nyuv2")
+
+
+@dataclass
+class FashionMNISTConfig(DataConfig):
+    split: str = "test"          # with root (or "debian"): the full split; without: the subset shipped in the package
+
+
+@register_data_kind("fashion-mnist", FashionMNISTConfig)
+def _fashion_mnist(cfg: FashionMNISTConfig, ctx: BuildContext) -> List[Domain]:
+    if cfg.root:
+        from ..data.fashion_mnist import DEBIAN_ROOT, load_fashion_mnist
+        root = DEBIAN_ROOT if cfg.root == "debian" else cfg.resolved_root("fashion-mnist")
+        images, labels = load_fashion_mnist(cfg.split, root=root, download=ctx.download)
+        source = f"fashion-mnist:{cfg.split}"
+    else:
+        from ..data.fashion_mnist_subset import load_subset
+        images, labels = load_subset()
+        source = "fashion-mnist:shipped-test-subset"
+    if tuple(images.shape[1:]) != tuple(ctx.input_size):
+        raise ValueError(f"Fashion-MNIST images are {tuple(images.shape[1:])} but the model takes "
+                         f"{tuple(ctx.input_size)}; use a model built for 1x28x28 inputs such as zoo:fmnist-cnn")
+    return with_corruptions(LabelledTensors(images, labels), cfg, source, ctx.input_size, name="fashion-mnist")
+
+
+class LabelledTensors(Dataset):
+    """Images and labels held in memory; `targets` lets per-class subsampling read labels without images."""
+
+    def __init__(self, images, labels):
+        self.images, self.targets = images, labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]

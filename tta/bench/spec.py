@@ -198,11 +198,19 @@ def parse_spec(values: Dict[str, Any], source_file: Optional[str] = None) -> Ben
     return strict_dataclass(BenchmarkSpec, values, where)
 
 
+PACKAGED_SPECS = Path(__file__).parent / "specs"
+
+
 def load_spec(path) -> BenchmarkSpec:
+    """A benchmark YAML file, or the name of one shipped inside the package (`quick`)."""
     import yaml
     path = Path(path)
+    if not path.is_file() and (PACKAGED_SPECS / f"{path}.yaml").is_file():
+        path = PACKAGED_SPECS / f"{path}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist; the shipped ones are in benchmarks/")
+        shipped = ", ".join(p.stem for p in sorted(PACKAGED_SPECS.glob("*.yaml")))
+        raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist; pass a YAML file (see benchmarks/) "
+                                f"or the name of a packaged benchmark: {shipped}")
     with open(path) as f:
         values = yaml.safe_load(f)
     return parse_spec(values, str(path))

@@ -12,6 +12,7 @@ from ..registry import unknown_name_message
 STANDARD = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
             "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression")
 EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+MIN_SIZE = 32  # the smallest side imagecorruptions accepts
 
 
 def corruption_names(which: str = "standard") -> List[str]:
@@ -35,8 +36,13 @@ def corrupt_array(image: np.ndarray, name: str, severity: int) -> np.ndarray:
     check_corruption(name, severity)
     grey = image.ndim == 2
     rgb = np.repeat(image[..., None], 3, axis=2) if grey else image
+    h, w = rgb.shape[:2]
+    # The library refuses images under 32 px (MNIST-sized thumbnails): corrupt an edge-padded copy, crop back.
+    top, left = max(0, (MIN_SIZE - h + 1) // 2), max(0, (MIN_SIZE - w + 1) // 2)
+    if top or left:
+        rgb = np.pad(rgb, ((top, max(0, MIN_SIZE - h - top)), (left, max(0, MIN_SIZE - w - left)), (0, 0)), mode="edge")
     out = np.asarray(corrupt(rgb, severity=severity, corruption_name=name))
-    out = np.clip(out, 0, 255).astype(np.uint8)[: rgb.shape[0], : rgb.shape[1]]
+    out = np.clip(out, 0, 255).astype(np.uint8)[top: top + h, left: left + w]
     return out.mean(axis=2).round().astype(np.uint8) if grey else out
 
 

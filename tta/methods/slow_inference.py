@@ -1,0 +1,128 @@
+"""slow_inference: per-scene test-time adaptation by reconstruction (Prabhudesai, Goyal, Paul, van Steenkiste,
+Sajjadi, Aggarwal, Kipf, Pathak, Fragkiadaki, "Test-time Adaptation with Slot-Centric Models", ICML 2023,
+arXiv:2203.11194; the "slow inference" of generative-feedback networks).
+
+A model that explains its input by reconstructing it (a slot-centric autoencoder, an MAE, any analysis-by-
+synthesis model) is adapted on each test scene by gradient descent on its reconstruction loss alone, then its
+task output (for slot models: the segmentation read from the slot masks) is read from the adapted model. The
+source weights are restored before the next scene.
+Defaults: the authors' code, Adam lr 5e-4, up to 150 steps, all parameters, reset after every scene, plus early
+stopping on the reconstruction loss (off when patience is 0).
+
+Any model works that implements `ReconstructionModel`; `tta.nets.SlotAttentionAutoEncoder` is the reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Protocol, Tuple, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapter import Adapter, AdapterConfig, check_batch, register_adapter
+
+
+@runtime_checkable
+class ReconstructionModel(Protocol):
+    """What slow inference needs from a model.
+
+    reconstruct(x) -> (reconstruction, extras): a differentiable reconstruction of x plus whatever the model
+        wants to pass to its loss or expose (slot masks, the MAE mask).
+    predict(x) -> the task output read after adaptation (slot masks, class logits, ...).
+    Optionally reconstruction_loss(x, reconstruction, extras) -> per-example loss (B,); without it the loss is
+    the per-example mean squared error between reconstruction and x.
+    """
+
+    def reconstruct(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]: ...
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def reconstruction_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's per-example reconstruction loss (B,) on x."""
+    recon, extras = model.reconstruct(x)
+    custom = getattr(model, "reconstruction_loss", None)
+    if custom is not None:
+        return custom(x, recon, extras)
+    if recon.shape != x.shape:
+        raise ValueError(f"reconstruct(x) returned shape {tuple(recon.shape)} for input {tuple(x.shape)}; give the "
+                         "model a reconstruction_loss(x, reconstruction, extras) method when they differ")
+    return F.mse_loss(recon, x, reduction="none").flatten(1).mean(1)
+
+
+@dataclass
+class SlowInferenceConfig(AdapterConfig):
+    steps: int = 150             # the most steps per scene; early stopping may end sooner
+    episodic: bool = True        # reset after every scene
+    optimizer: str = "adam"
+    lr: float = 5e-4
+    per_example: bool = True     # adapt on each scene of a batch on its own (the paper's setting)
+    patience: int = 0            # stop after this many steps without a min_delta improvement; 0 = never stop early
+    min_delta: float = 0.0       # improvement of the reconstruction loss that resets the patience counter
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.patience, int) or self.patience < 0:
+            raise ValueError(f"patience must be a non-negative integer (0 turns early stopping off), "
+                             f"got {self.patience!r}")
+        if self.min_delta < 0:
+            raise ValueError(f"min_delta must be non-negative, got {self.min_delta}")
+
+
+@register_adapter("slow_inference")
+class SlowInference(Adapter):
+    """Adapts all parameters on the reconstruction loss of each scene, then returns `model.predict(x)`.
+
+    After a call, `loss_history` holds the per-step reconstruction losses of the last scene adapted (the loss
+    before each update), for inspection.
+    """
+    Config = SlowInferenceConfig
+
+    def __init__(self, model: nn.Module, cfg=None, **overrides):
+        if not isinstance(model, ReconstructionModel):
+            raise TypeError(
+                f"{self.name} needs a model that reconstructs its input: give {type(model).__name__} the methods "
+                "reconstruct(x) -> (reconstruction, extras) and predict(x) -> output (and optionally "
+                "reconstruction_loss(x, reconstruction, extras) -> (B,)), or use tta.nets.SlotAttentionAutoEncoder")
+        super().__init__(model, cfg, **overrides)
+        self.loss_history: List[float] = []
+
+    def configure_model(self):
+        super().configure_model()
+        self.model.requires_grad_(True)
+
+    def forward(self, x):
+        if not self.cfg.per_example:
+            return super().forward(x)
+        check_batch(x)
+        # One scene at a time; the base class resets after each when episodic.
+        return torch.cat([super(SlowInference, self).forward(scene) for scene in x.split(1)])
+
+    def adaptation_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The scalar minimised at each step."""
+        return reconstruction_loss(self.model, x).mean()
+
+    def forward_and_adapt(self, x):
+        loss = self.adaptation_loss(x)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss.detach()
+
+    def adapt_and_predict(self, x):
+        self.loss_history = []
+        if self.cfg.steps > 0:
+            with torch.enable_grad():  # adapt even when called under torch.no_grad()
+                best, waited = float("inf"), 0
+                for _ in range(self.cfg.steps):
+                    loss = float(self.forward_and_adapt(x))
+                    self.loss_history.append(loss)
+                    if loss < best - self.cfg.min_delta:
+                        best, waited = loss, 0
+                    else:
+                        waited += 1
+                    if self.cfg.patience and waited >= self.cfg.patience:
+                        break
+        with torch.no_grad():
+            return self.model.predict(x)

@@ -1,0 +1,60 @@
+"""ttt_mae: test-time training with masked autoencoders (Gandelsman, Sun, Chen, Efros, NeurIPS 2022,
+arXiv:2209.07522).
+
+Builds on TTT (Sun et al., ICML 2020) and MAE (He et al., CVPR 2022): a ViT encoder is shared by a classification
+head and an MAE decoder. For each test image on its own, the encoder is trained for a few steps to reconstruct
+randomly masked patches of that image (every step draws fresh masks for a batch of copies of the image), the
+decoder and head stay fixed, and the image is then classified with the adapted encoder and the head. The source
+encoder is restored before the next image.
+It is slow inference with a masked reconstruction and the encoder as the adapted set, so it reuses
+`slow_inference`'s loop. Defaults: the authors' scripts, SGD lr 5e-3 (base lr 1e-2 x 128 / 256) momentum 0.9,
+20 steps, 128 masked copies per step, mask ratio 0.75 (set on the model), no early stopping (random masks make
+the loss too noisy to stop on).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..adapter import register_adapter
+from ..nets.mae_decoder import MaskedAutoencoderViT
+from .slow_inference import SlowInference, SlowInferenceConfig, reconstruction_loss
+
+
+@dataclass
+class TTTMAEConfig(SlowInferenceConfig):
+    steps: int = 20
+    optimizer: str = "sgd"
+    lr: float = 5e-3
+    momentum: float = 0.9
+    views: int = 128             # copies of the test image per step, each with its own random mask
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.views, int) or self.views < 1:
+            raise ValueError(f"views must be a positive integer, got {self.views!r}")
+
+
+@register_adapter("ttt_mae")
+class TTTMAE(SlowInference):
+    Config = TTTMAEConfig
+
+    def __init__(self, model: nn.Module, cfg=None, **overrides):
+        if not isinstance(model, MaskedAutoencoderViT):
+            raise TypeError(f"ttt_mae needs a ViT with an MAE decoder, got {type(model).__name__}; build one with "
+                            "tta.nets.MaskedAutoencoderViT(timm_vit) and train it with "
+                            "tta.nets.mae_decoder.ttt_mae_training_loss before adapting")
+        super().__init__(model, cfg, **overrides)
+
+    def configure_model(self):
+        self.model.eval()  # dropout and drop-path off: the adapted encoder should see the clean architecture
+        self.model.requires_grad_(False)
+        params = dict(self.model.named_parameters())
+        for name in self.model.encoder_parameter_names:
+            params[name].requires_grad_(True)
+
+    def adaptation_loss(self, x: torch.Tensor) -> torch.Tensor:
+        views = x.repeat_interleave(self.cfg.views, dim=0)
+        return reconstruction_loss(self.model, views).mean()
