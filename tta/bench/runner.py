@@ -57,8 +57,9 @@ def data_descriptor(spec: BenchmarkSpec, limit: Optional[int]) -> Dict[str, Any]
     return desc
 
 
-def model_id(spec: BenchmarkSpec) -> str:
-    m = spec.model
+def model_id(spec: BenchmarkSpec, m=None) -> str:
+    """The model a row was computed with: the benchmark's, or a method's own (`m`)."""
+    m = m or spec.model
     if m.weights:
         return f"{m.label}+{Path(m.weights).name}"
     return m.label if m.pretrained else f"{m.label}+random"
@@ -122,7 +123,9 @@ class Runner:
     # ---- keys ----------------------------------------------------------------------------------------------
     def _row_base(self, job: Job, domain: Domain) -> Dict[str, Any]:
         return {"benchmark": self.spec.name, "method": job.method.label, "adapter": job.method.name,
-                "config": job.config, "config_id": job.config_id, "model": self.model_id, "data_id": self.data_id,
+                "config": job.config, "config_id": job.config_id,
+                "model": model_id(self.spec, job.method.model) if job.method.model else self.model_id,
+                "data_id": self.data_id,
                 "data": self.data, "domain": domain.name, "severity": domain.severity, "setting": job.setting,
                 "batch_size": job.batch_size, "seed": job.seed}
 
@@ -171,7 +174,9 @@ class Runner:
                         written += self._run_domains(job, adapter, domains, [k], model.task, bars)
                         del adapter, model
                 else:
-                    adapter = self._adapter(job, copy.deepcopy(base_model))
+                    # A method may bring its own model (e.g. it3 needs a network trained to take y as input).
+                    model = job.method.model.build().eval() if job.method.model else copy.deepcopy(base_model)
+                    adapter = self._adapter(job, model)
                     if job.setting == "mixed":
                         written += self._run_mixed(job, adapter, domains, task, bars)
                     else:
@@ -204,6 +209,7 @@ class Runner:
             d = domains[k]
             meter = self._meter(d, task, classes)
             curve, model_s, batches = [], 0.0, 0
+            events_before = dict(getattr(adapter, "guard_events", {}))
             bar = bars.domain(-(-len(d.dataset) // job.batch_size), f"{job.method.label} {job.setting} {d.label}")
             start = time.perf_counter()
             for batch in iterate_domain(domains, k, job.setting, job.batch_size, job.seed, self.spec.shuffle,
@@ -220,7 +226,8 @@ class Runner:
                     bars.overall.update()
             if bar is not None:
                 bar.close()
-            written += self._write(job, d, meter, curve, batches, model_s, time.perf_counter() - start, task)
+            written += self._write(job, d, meter, curve, batches, model_s, time.perf_counter() - start, task,
+                                   _new_events(events_before, getattr(adapter, "guard_events", {})))
         return written
 
     def _run_mixed(self, job: Job, adapter, domains: List[Domain], task: str, bars) -> int:
@@ -249,9 +256,10 @@ class Runner:
                    for k, d in enumerate(domains))
 
     def _write(self, job: Job, domain: Domain, meter, curve, batches: int, model_s: float, wall_s: float,
-               task: str) -> int:
+               task: str, guard_events: Optional[Dict[str, int]] = None) -> int:
         row = self._row_base(job, domain)
         row.update({
+            "guard_events": guard_events or {},  # divergence-guard interventions during this domain
             "task": task, "metrics": meter.compute(), "primary_metric": meter.primary, "n": meter.n,
             "n_batches": batches, "steps_per_batch": job.config.get("steps"), "seconds": round(wall_s, 4),
             "seconds_model": round(model_s, 4), "curve": _thin(curve), "domain_info": domain.info,
@@ -260,6 +268,10 @@ class Runner:
             **self.provenance,
         })
         return int(self.store.append(row))
+
+
+def _new_events(before: Dict[str, int], after: Dict[str, int]) -> Dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
 
 def run_benchmark(spec: BenchmarkSpec, out, **kwargs) -> Dict[str, int]:

@@ -121,9 +121,14 @@ class MethodSpec:
     config: Dict[str, Any] = field(default_factory=dict)
     batch_size: Optional[int] = None
     settings: Optional[List[str]] = None
+    model: Optional[ModelSpec] = None      # the method's own model, when it needs one (it3, slow_inference)
 
     def __post_init__(self):
         self.label = self.label or self.name
+        if isinstance(self.model, dict):
+            self.model = strict_dataclass(ModelSpec, self.model, f"method {self.label}: model")
+            if self.model.per_domain:
+                raise ValueError(f"method {self.label}: a method's own model cannot take class_names: data")
         for s in self.settings or []:
             check_setting(s)
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):

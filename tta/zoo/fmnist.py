@@ -52,12 +52,24 @@ def _log(step, total, start, **values):
     print(f"step {step}/{total} {shown} ({rate:.2f} s/step, eta {rate * (total - step) / 60:.1f} min)", flush=True)
 
 
-def train_classifier(out: Path, steps: Optional[int] = None, device: str = "cpu", seed: int = 0) -> dict:
-    """Adam 1e-3, batch 128, 2 epochs by default, no augmentation (the corruptions must stay unseen)."""
+def load_it3_classifier(path: Optional[Path], **kwargs):
+    """The FashionCNN as f(x, y): y's embedding is added after the first pooling (32 channels)."""
+    from ..nets import IT3Net
+    model = IT3Net(load_classifier(None), num_outputs=len(CLASS_NAMES), layer="net.features.6", feature_channels=32)
+    if path is not None:
+        load_weights(model, path)
+    return model
+
+
+def train_classifier(out: Path, steps: Optional[int] = None, device: str = "cpu", seed: int = 0,
+                     it3: bool = False) -> dict:
+    """Adam with a one-cycle schedule (peak 3e-3), batch 128, 2 epochs by default, no augmentation (the
+    corruptions must stay unseen). With it3=True the network is trained as IT3's f(x, y) with its own loss."""
+    from ..nets import it3_training_loss
     torch.manual_seed(seed)
     x, y = load_fashion_mnist("train")
     xt, yt = load_fashion_mnist("test")
-    model = load_classifier(None).to(device)
+    model = (load_it3_classifier(None) if it3 else load_classifier(None)).to(device)
     steps = steps or 2 * math.ceil(len(x) / 128)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
@@ -66,7 +78,8 @@ def train_classifier(out: Path, steps: Optional[int] = None, device: str = "cpu"
     model.train()
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(x), (128,), generator=gen)
-        loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
+        xb, yb = x[idx].to(device), y[idx].to(device)
+        loss = it3_training_loss(model, xb, yb, generator=gen) if it3 else F.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -78,10 +91,14 @@ def train_classifier(out: Path, steps: Optional[int] = None, device: str = "cpu"
         acc = sum((model(xt[i:i + 1000].to(device)).argmax(1).cpu() == yt[i:i + 1000]).sum().item()
                   for i in range(0, len(xt), 1000)) / len(xt)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.net.state_dict(), out)
+    torch.save(model.state_dict() if it3 else model.net.state_dict(), out)
     metrics = {"test_accuracy": acc, "steps": steps, "seconds": time.perf_counter() - start}
     print(json.dumps(metrics))
     return metrics
+
+
+def train_it3_classifier(out: Path, steps: Optional[int] = None, device: str = "cpu", seed: int = 0) -> dict:
+    return train_classifier(out, steps, device, seed, it3=True)
 
 
 def build_judge_unet():
@@ -157,5 +174,7 @@ def save_judge(unet, scheduler, out: Path, training: dict) -> None:
 
 register_member(ZooMember("fmnist-cnn", "Fashion-MNIST CNN with batch norm (28x28 grey, 10 classes)",
                           train_classifier, load_classifier, "fmnist-cnn.pt"))
+register_member(ZooMember("fmnist-it3", "the same CNN trained as IT3's f(x, y), y injected after the first pooling",
+                          train_it3_classifier, load_it3_classifier, "fmnist-it3.pt"))
 register_member(ZooMember("fmnist-judge", "class-conditional pixel diffusion judge for Fashion-MNIST (16x16)",
                           train_judge, None, "fmnist-judge"))
