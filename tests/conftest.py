@@ -1,4 +1,7 @@
 """Tiny models and batches shared by the tests (CPU, offline, seconds)."""
+import functools
+import tempfile
+
 import pytest
 import torch
 from torch import nn
@@ -66,7 +69,22 @@ def _mae_model():
     return MaskedAutoencoderViT(vit, decoder_dim=16), {"steps": 2, "views": 2}, torch.rand(2, 1, 16, 16)
 
 
-SPECIAL_MODELS = {"it3": _it3_model, "slow_inference": _slot_model, "ttt_mae": _mae_model}
+@functools.lru_cache(maxsize=None)
+def _tiny_judge_folder():
+    from test_generative import save_pixel_judge
+    return save_pixel_judge(tempfile.mkdtemp(prefix="tta-judge-"), num_classes=5, size=16)
+
+
+def _diffusion_model(name):
+    torch.manual_seed(1)
+    config = ({"backend": _tiny_judge_folder(), "steps": 1, "pairs": 4, "micro_batch": 4} if name == "diffusion_tta"
+              else {"backend": _tiny_judge_folder(), "samples": (4,), "micro_batch": 20})
+    return tiny_model(sharpness=20.0), config, torch.rand(8, 3, 16, 16)
+
+
+SPECIAL_MODELS = {"it3": _it3_model, "slow_inference": _slot_model, "ttt_mae": _mae_model,
+                  "diffusion_tta": functools.partial(_diffusion_model, "diffusion_tta"),
+                  "diffusion_classifier": functools.partial(_diffusion_model, "diffusion_classifier")}
 
 
 def model_and_config(name, **overrides):

@@ -41,7 +41,7 @@ def test_torchvision_source_normalises_itself():
 
 
 def test_unknown_sources_and_weights():
-    with pytest.raises(KeyError, match="Valid choices: clip, smp, timm, tv"):
+    with pytest.raises(KeyError, match="Valid choices: .*timm, tv"):
         tta.create_model("hub:resnet50")
     with pytest.raises(ValueError, match="<source>:<name>"):
         tta.create_model("resnet50")

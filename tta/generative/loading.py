@@ -1,0 +1,150 @@
+"""create_backend: a diffusion judge from "<kind>:<hub id or folder>", a bare folder (kind detected) or an object."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, List, Optional, Union
+
+import torch
+
+from .base import BACKENDS, DiffusionBackend, is_local, read_metadata
+
+PIPELINE_KINDS = {"DiTPipeline": "dit", "StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd"}
+EXAMPLES = ("pixel-unet:/path/to/fmnist_judge, dit:facebook/DiT-XL-2-256, sd:stabilityai/stable-diffusion-2-base, "
+            "map-unet:/path/to/seg_judge")
+
+
+def _read_json(file: str) -> dict:
+    with open(file) as f:
+        return json.load(f)
+
+
+def _unet_kind(config: dict) -> Optional[str]:
+    """A UNet2DModel is a pixel-unet judge with a class table, a map-unet judge with extra input channels."""
+    if config.get("num_class_embeds"):
+        return "pixel-unet"
+    if config.get("in_channels", 0) > (config.get("out_channels") or 0):
+        return "map-unet"
+    return None
+
+
+def detect_kind(path: str) -> str:
+    """The backend kind of a folder or hub repository, from tta_backend.json, model_index.json or the UNet config."""
+    meta = read_metadata(path)
+    if "kind" in meta:
+        return meta["kind"]
+    local = os.path.expanduser(path)
+    found: List[str] = []
+    if is_local(path):
+        if not os.path.isdir(local):
+            raise FileNotFoundError(f"no diffusion backend folder at {path!r}; pass an existing folder written with "
+                                    f"save_pretrained, or a hub id with its kind, e.g. {EXAMPLES}")
+        found = sorted(os.listdir(local))
+        index_file = os.path.join(local, "model_index.json")
+        index = _read_json(index_file) if os.path.isfile(index_file) else None
+    else:
+        try:
+            from diffusers import DiffusionPipeline
+            index = DiffusionPipeline.load_config(path)
+        except (OSError, ValueError) as e:
+            raise OSError(f"could not read model_index.json of {path!r} to tell which kind of diffusion model it is "
+                          f"({e}); name the kind, e.g. {EXAMPLES}") from e
+    if index is not None:
+        name = index.get("_class_name", "")
+        if name in PIPELINE_KINDS:
+            return PIPELINE_KINDS[name]
+        if "unet" in index and is_local(path) and os.path.isfile(os.path.join(local, "unet", "config.json")):
+            kind = _unet_kind(_read_json(os.path.join(local, "unet", "config.json")))
+            if kind:
+                return kind
+    if is_local(path):
+        for config_file in (os.path.join(local, "unet", "config.json"), os.path.join(local, "config.json")):
+            if os.path.isfile(config_file):
+                config = _read_json(config_file)
+                if config.get("_class_name") == "UNet2DModel" and _unet_kind(config):
+                    return _unet_kind(config)
+    raise ValueError(f"cannot tell which kind of diffusion backend {path!r} holds (found: {found or 'a hub repo'}); "
+                     f"pass it as '<kind>:<path>' with kind in {BACKENDS.names()}, e.g. {EXAMPLES}, or add a "
+                     f"tta_backend.json with {{\"kind\": ...}} to the folder")
+
+
+def create_backend(name_or_path: Union[str, os.PathLike, DiffusionBackend], kind: Optional[str] = None,
+                   device: Optional[Union[str, torch.device]] = None, **kwargs: Any) -> DiffusionBackend:
+    """Load a diffusion judge through diffusers' from_pretrained.
+
+    `name_or_path` is "<kind>:<hub id or folder>" (kind in list_backends()), "zoo:<judge>" (tta zoo list), or a
+    local folder whose kind is read from its files; keyword arguments go to the backend's from_pretrained (class_names, prompt,
+    torch_dtype, map_kind, map_range, ...). A DiffusionBackend object is returned as it is.
+    """
+    if isinstance(name_or_path, DiffusionBackend):
+        return name_or_path.to(device) if device is not None else name_or_path
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"a backend is a '<kind>:<hub id or folder>' string, a folder or a DiffusionBackend; "
+                        f"got {type(name_or_path).__name__}")
+    spec = os.fspath(name_or_path)
+    if spec.startswith("zoo:"):  # a judge of the project's zoo, wherever the package is installed
+        from ..zoo import checkpoint_path
+        spec = str(checkpoint_path(spec[len("zoo:"):]))
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in BACKENDS:
+        if kind is not None and kind != prefix:
+            raise ValueError(f"kind={kind!r} contradicts the prefix of {spec!r}")
+        kind, spec = prefix, rest
+    if not spec:
+        raise ValueError(f"empty backend path; pass e.g. {EXAMPLES}")
+    kind = kind or detect_kind(spec)
+    backend = BACKENDS.get(kind).from_pretrained(spec, **kwargs)
+    backend.source = f"{kind}:{spec}"
+    return backend.to(device) if device is not None else backend
+
+
+def list_backends(pattern: str = "*") -> List[str]:
+    return BACKENDS.names(pattern)
+
+
+def resolve_backend(backend: Any, config_value: Optional[str], method: str,
+                    device: Optional[torch.device] = None) -> DiffusionBackend:
+    """The judge a method was given: a DiffusionBackend object, or a spec string (argument or config field)."""
+    spec = backend if backend is not None else config_value
+    if spec is None:
+        raise ValueError(f"{method} needs a diffusion judge: pass backend=<DiffusionBackend> or "
+                         f"backend='<kind>:<hub id or folder>' (e.g. {EXAMPLES}); on the command line "
+                         f"--set backend=<kind>:<path>")
+    return create_backend(spec, device=device)
+
+
+def model_task(model) -> Optional[str]:
+    return getattr(model, "task", None)
+
+
+def match_backend_to_model(model, backend: DiffusionBackend, method: str) -> None:
+    """Refuse judge/model pairs that cannot work together, with what to pass instead; give text judges the
+    model's class names (a CLIP zero-shot model's classes become the judge's prompts)."""
+    task = model_task(model) or "classification"
+    names = getattr(model, "class_names", None)
+    if task == "classification":
+        if backend.conditioning == "map":
+            raise ValueError(f"{method}: a map-conditioned judge serves segmentation and depth models; for a "
+                             "classifier use a class-conditional (pixel-unet, dit) or text-conditioned (sd) judge")
+        if backend.conditioning == "text":
+            if names is not None:
+                if backend.class_names != list(names):
+                    backend.set_class_names(list(names))
+            elif backend.class_names is None:
+                raise ValueError(f"{method}: the text-conditioned judge needs class names; wrap the model with "
+                                 "class_names (tta.wrap_model(net, class_names=...)) or pass class_names= to "
+                                 "create_backend")
+        elif names is not None and len(names) != backend.num_classes:
+            raise ValueError(f"{method}: the model predicts {len(names)} classes but the {backend.kind} judge "
+                             f"knows {backend.num_classes}; use a judge trained on the model's classes (or a "
+                             "text-conditioned sd judge, which takes any class names)")
+        return
+    if backend.conditioning != "map":
+        raise ValueError(f"{method}: a {task} model needs a map-conditioned judge (kind 'map-unet'), got a "
+                         f"{backend.conditioning}-conditioned {backend.kind!r} judge")
+    if task == "depth" and backend.map_channels != 1:
+        raise ValueError(f"{method}: a depth model needs a judge conditioned on a 1-channel map; this judge "
+                         f"takes {backend.map_channels} channels")
+    if task == "segmentation" and names is not None and len(names) != backend.map_channels:
+        raise ValueError(f"{method}: the segmenter predicts {len(names)} classes but the judge takes "
+                         f"{backend.map_channels}-channel probability maps")

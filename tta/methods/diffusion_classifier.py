@@ -1,0 +1,104 @@
+"""diffusion_classifier: zero-shot classification with a diffusion model (Li et al., ICCV 2023, arXiv:2303.16203).
+
+Predicts argmin_c E_{t,eps} || eps_theta(x_t, t, c) - eps || with the same noise for every class at a
+timestep, timesteps on an evenly spaced grid and adaptive multi-stage pruning of classes (the paper's
+schedules are tta.generative.PRUNING_PRESETS). Logits are -error / temperature; fit the temperature on
+held-out data (DiffusionClassifier.calibrate) for calibrated probabilities.
+
+Two faces of one scorer (tta.generative.classifier.DiffusionClassifier):
+- a model source, `tta.create_model("diffusion:<kind>@<folder or hub id>")`, an nn.Module from [0, 1] images
+  to (B, K) logits;
+- a method for comparisons, `tta.create_adapter("diffusion_classifier", model, backend=...)`: it ignores the
+  wrapped discriminative model's prediction (it only borrows its class names, for text-conditioned judges)
+  and has no trainable parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..adapter import AdapterConfig, make_config, register_adapter
+from ..generative.base import BACKENDS
+from ..generative.classifier import PRUNING_PRESETS, DiffusionClassifier, resolve_schedule
+from ..generative.loading import create_backend, match_backend_to_model, resolve_backend
+from ..generative.sampling import LOSSES
+from ..models.sources import MODEL_SOURCES
+from ..models.wrapper import ImageModel
+from ..registry import unknown_name_message
+from .diffusion_tta import JudgedAdapter, _device_of, _split_backend_argument
+
+
+@dataclass
+class DiffusionClassifierConfig(AdapterConfig):
+    steps: int = 0                         # nothing adapts
+    backend: Optional[str] = None          # "<kind>:<hub id or folder>" or a folder, loaded with create_backend
+    preset: Optional[str] = None           # cifar10 | pets | food | aircraft | imagenet (keep/samples per stage)
+    keep: Optional[Tuple[int, ...]] = None     # classes kept after each stage (default: the cifar10 preset)
+    samples: Optional[Tuple[int, ...]] = None  # cumulative (t, eps) samples per class at each stage
+    loss: str = "l2"                       # l2 | l1
+    temperature: float = 1.0               # logits = -error / temperature; fit it with calibrate()
+    micro_batch: int = 32                  # judge evaluations per forward pass
+    n_trials: int = 1                      # noises per timestep
+    seed: Optional[int] = None             # seed of the shared noise; None uses torch's global generator
+    autocast: bool = True                  # bf16 autocast on CUDA only
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss not in LOSSES:
+            raise ValueError(unknown_name_message("loss", self.loss, LOSSES))
+        if self.preset is not None and self.preset not in PRUNING_PRESETS:
+            raise ValueError(unknown_name_message("pruning preset", self.preset, PRUNING_PRESETS))
+        self.keep = tuple(self.keep) if self.keep is not None else None
+        self.samples = tuple(self.samples) if self.samples is not None else None
+        resolve_schedule(self.preset, self.keep, self.samples)
+
+
+CLASSIFIER_OPTIONS = ("preset", "keep", "samples", "loss", "temperature", "micro_batch", "n_trials", "seed",
+                      "autocast")
+
+
+@register_adapter("diffusion_classifier")
+class DiffusionClassifierAdapter(JudgedAdapter):
+    Config = DiffusionClassifierConfig
+    judge_prefix = "classifier."
+
+    def __init__(self, model: nn.Module, cfg: Any = None, backend: Any = None, **overrides):
+        config, backend = _split_backend_argument(make_config(self.Config, cfg, overrides), backend)
+        judge = resolve_backend(backend, config.backend, "diffusion_classifier", device=_device_of(model))
+        if config.backend is None:
+            config = dataclasses.replace(config, backend=judge.source)
+        match_backend_to_model(model, judge, "diffusion_classifier")
+        super().__init__(model, config)
+        self.classifier = DiffusionClassifier(judge, **{k: getattr(config, k) for k in CLASSIFIER_OPTIONS})
+        self._source_state = self._capture_state()
+
+    def collect_params(self) -> List:
+        return []
+
+    def adapt_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.classifier(x)
+
+
+@MODEL_SOURCES.register("diffusion")
+def diffusion_model(name: str, pretrained: bool = True, weights=None, class_names: Optional[Sequence[str]] = None,
+                    **kwargs) -> ImageModel:
+    """`diffusion:<kind>@<folder or hub id>` (or `diffusion:<folder>`, kind read from its files): the Diffusion
+    Classifier as a model. Classifier options (preset, keep, samples, loss, temperature, micro_batch, n_trials,
+    seed, autocast) and backend options (prompt, torch_dtype, ...) are keyword arguments."""
+    if not pretrained or weights is not None:
+        raise ValueError("the diffusion source loads a trained judge from its folder or hub id "
+                         "(diffusion:<kind>@<path>); pretrained=False and weights= do not apply")
+    kind, sep, path = name.partition("@")
+    spec = f"{kind}:{path}" if sep and kind in BACKENDS else name
+    options = {k: kwargs.pop(k) for k in CLASSIFIER_OPTIONS if k in kwargs}
+    backend_options = {"class_names": class_names} if class_names is not None else {}
+    backend = create_backend(spec, **backend_options, **kwargs)
+    classifier = DiffusionClassifier(backend, **options)
+    c = backend.image_channels
+    return ImageModel(classifier, (0.0,) * c, (1.0,) * c, backend.class_names, (c, *backend.image_size),
+                      name=f"diffusion:{name}")

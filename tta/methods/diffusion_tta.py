@@ -1,0 +1,328 @@
+"""diffusion_tta: test-time adaptation of discriminative models with diffusion feedback
+(Prabhudesai et al., NeurIPS 2023, arXiv:2311.16102).
+
+Adapts f on each test image by minimising the denoising loss of a conditional diffusion judge whose condition
+is computed from f's output:  E_{t,eps} || eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, c) - eps ||^2 with
+c = backend.condition(softmax(f(x))) (soft class weights; the per-pixel softmax or the depth map for dense
+tasks), so the gradient reaches f through the condition. x0 is the image (pixel judges) or its VAE latent,
+encoded once. Builds on tta.generative (the judges and the (t, eps) sampling).
+
+Defaults follow the paper's DiT runs: per example (episodic), 5 SGD steps (lr 5e-3, momentum 0.9) of 180
+(t, eps) pairs each, t uniform over [0, T), in micro-batches of 15 with gradient accumulation; all classifier
+parameters adapt. PRESETS["adam"] is the Adam lr 1e-5 setting of the ResNet-18 / ConvNeXt runs. The paper's
+CLIP runs use LoRA on q/v (adapt="lora"); the released code adapts the whole image tower (adapt="all").
+
+Gradient accumulation without repeated classifier passes: the classifier runs once per step, the judge's
+gradient is accumulated on a detached copy of the condition over the micro-batches, and one backward pass
+carries it into the classifier. By the chain rule this is the same gradient as the paper's, which re-runs the
+classifier in every micro-step.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..adapter import Adapter, AdapterConfig, make_config, register_adapter
+from ..generative.base import autocast_for, denoiser_prefix, named_denoiser_parameters
+from ..generative.loading import match_backend_to_model, model_task, resolve_backend
+from ..generative.sampling import LOSSES, NOISE_MODES, TIMESTEP_MODES, sample_pairs
+from ..params import enable_norm_affine
+from ..registry import unknown_name_message
+
+ADAPT_CHOICES = ("all", "norm", "last", "lora")
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "sgd": {"optimizer": "sgd", "lr": 5e-3, "momentum": 0.9},   # DiT runs (the default)
+    "adam": {"optimizer": "adam", "lr": 1e-5},                  # ResNet-18 / ConvNeXt runs
+}
+
+
+@dataclass
+class DiffusionTTAConfig(AdapterConfig):
+    steps: int = 5
+    episodic: bool = True
+    optimizer: str = "sgd"
+    lr: float = 5e-3
+    momentum: float = 0.9
+    backend: Optional[str] = None      # "<kind>:<hub id or folder>" or a folder, loaded with create_backend
+    pairs: int = 180                   # (t, eps) pairs per optimizer step
+    micro_batch: int = 15              # pairs per accumulation micro-step (per image)
+    timesteps: str = "uniform"         # uniform | stratified | grid
+    noise: str = "independent"         # independent | shared (one eps for all pairs of a step)
+    loss: str = "l2"                   # l2 | l1
+    adapt: str = "all"                 # all | norm | last | lora
+    last_layer: Optional[str] = None   # module name for adapt="last" (default: the classification layer)
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    adapt_backend: bool = False        # also adapt the judge's denoiser (restored after every episode)
+    backend_lr: Optional[float] = None  # the denoiser's learning rate (default: lr)
+    seed: Optional[int] = None         # seed of the (t, eps) draws; None uses torch's global generator
+    autocast: bool = True              # bf16 autocast for the judge, on CUDA only
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, value, valid in (("adapt", self.adapt, ADAPT_CHOICES), ("timesteps", self.timesteps, TIMESTEP_MODES),
+                                   ("noise", self.noise, NOISE_MODES), ("loss", self.loss, LOSSES)):
+            if value not in valid:
+                raise ValueError(unknown_name_message(name, value, valid))
+        if self.pairs < 1 or self.micro_batch < 1:
+            raise ValueError(f"pairs and micro_batch must be positive, got {self.pairs} and {self.micro_batch}")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be positive, got {self.lora_rank}")
+
+
+# ---- LoRA: low-rank updates of attention q/v projections, applied without changing the model --------------
+class LoRA(nn.Module):
+    """delta = B @ A * alpha / rank on row blocks of one weight matrix (B starts at zero: delta starts at 0)."""
+
+    def __init__(self, weight: torch.Tensor, row_blocks: List[Tuple[int, int]], rank: int, alpha: float):
+        super().__init__()
+        self.row_blocks = row_blocks
+        self.scale = alpha / rank
+        self.A = nn.ParameterList()
+        self.B = nn.ParameterList()
+        for r0, r1 in row_blocks:
+            a = torch.empty(rank, weight.shape[1], dtype=weight.dtype, device=weight.device)
+            nn.init.kaiming_uniform_(a, a=5 ** 0.5)  # as peft and the LoRA paper's code
+            self.A.append(nn.Parameter(a))
+            self.B.append(nn.Parameter(torch.zeros(r1 - r0, rank, dtype=weight.dtype, device=weight.device)))
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        pieces, row = [], 0
+        for (r0, r1), a, b in zip(self.row_blocks, self.A, self.B):
+            if r0 > row:
+                pieces.append(weight.new_zeros(r0 - row, weight.shape[1]))
+            pieces.append(b @ a * self.scale)
+            row = r1
+        if row < weight.shape[0]:
+            pieces.append(weight.new_zeros(weight.shape[0] - row, weight.shape[1]))
+        return torch.cat(pieces)
+
+
+def lora_targets(model: nn.Module) -> Dict[str, List[Tuple[int, int]]]:
+    """Attention query and value projections: packed (nn.MultiheadAttention, timm's qkv) or separate layers."""
+    targets: Dict[str, List[Tuple[int, int]]] = {}
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, nn.MultiheadAttention):
+            e = m.embed_dim
+            if m.in_proj_weight is not None:
+                targets[prefix + "in_proj_weight"] = [(0, e), (2 * e, 3 * e)]
+            else:
+                targets[prefix + "q_proj_weight"] = [(0, m.q_proj_weight.shape[0])]
+                targets[prefix + "v_proj_weight"] = [(0, m.v_proj_weight.shape[0])]
+        elif isinstance(m, nn.Linear):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "qkv" and m.out_features % 3 == 0:
+                e = m.out_features // 3
+                targets[prefix + "weight"] = [(0, e), (2 * e, 3 * e)]
+            elif leaf in ("q", "v", "q_proj", "v_proj", "query", "value", "to_q", "to_v"):
+                targets[prefix + "weight"] = [(0, m.out_features)]
+    return targets
+
+
+class LoRASet(nn.Module):
+    """LoRA updates for a model, applied through torch.func.functional_call: the model itself is never modified,
+    so its state dict stays the source's and reset only has to zero these parameters' updates."""
+
+    def __init__(self, model: nn.Module, rank: int, alpha: float):
+        super().__init__()
+        targets = lora_targets(model)
+        if not targets:
+            raise ValueError("adapt='lora' adapts attention q/v projections and this model has none; "
+                             "use adapt='all', 'norm' or 'last'")
+        params = dict(model.named_parameters())
+        self.names = sorted(targets)
+        self.updates = nn.ModuleList(LoRA(params[n], targets[n], rank, alpha) for n in self.names)
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        params = dict(model.named_parameters())
+        merged = {n: params[n] + lora.delta(params[n]) for n, lora in zip(self.names, self.updates)}
+        return torch.func.functional_call(model, merged, (x,))
+
+
+def last_layer_parameters(model: nn.Module, name: Optional[str] = None) -> List[Tuple[str, nn.Parameter]]:
+    """The final prediction layer: the projection of a CLIP zero-shot image tower, else the last Linear/Conv."""
+    modules = dict(model.named_modules())
+    if name is None:
+        for mname, m in modules.items():
+            proj = getattr(getattr(m, "visual", None), "proj", None)
+            if hasattr(m, "text_embeddings") and isinstance(proj, nn.Parameter):
+                return [(f"{mname}.visual.proj".lstrip("."), proj)]
+        layers = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        if not layers:
+            raise ValueError("adapt='last' found no Linear or Conv layer; name one with last_layer=<module name>")
+        name = layers[-1]
+    if name not in modules:
+        raise ValueError(unknown_name_message("module", name, [n for n in modules if n]))
+    prefix = f"{name}." if name else ""
+    return [(prefix + n, p) for n, p in modules[name].named_parameters()]
+
+
+# ---- the adapter ---------------------------------------------------------------------------------------------
+class JudgedAdapter(Adapter):
+    """An Adapter with a diffusion judge under `judge_prefix`. The judge is a submodule (it moves with .to()), but
+    only the parts of it that adapt are snapshotted and restored: a frozen DiT or SD judge is never copied, and an
+    adapted one has its denoiser copied, not its VAE or text encoder."""
+    judge_prefix = "backend."
+
+    def adapted_judge_prefixes(self) -> Tuple[str, ...]:
+        return ()
+
+    def _capture_state(self) -> Dict[str, Any]:
+        keep = self.adapted_judge_prefixes()
+        module_state = {k: v.detach().clone() for k, v in self.state_dict().items()
+                        if not k.startswith(self.judge_prefix) or k.startswith(keep)}
+        optim_state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
+        return {"module": module_state, "optimizer": optim_state}
+
+    def reset(self) -> None:
+        missing, unexpected = self.load_state_dict(self._source_state["module"], strict=False)
+        missing = [k for k in missing if not k.startswith(self.judge_prefix)]
+        if missing or unexpected:
+            raise RuntimeError(f"reset() found a changed module structure: missing {missing}, unexpected {unexpected}")
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(self._source_state["optimizer"]))
+        self.reset_extra_state()
+
+
+def _device_of(model: nn.Module) -> Optional[torch.device]:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else None
+
+
+def _split_backend_argument(config, backend):
+    """A string backend= is the config field (so result rows record it); an object is used as it is."""
+    if isinstance(backend, (str, os.PathLike)):
+        return dataclasses.replace(config, backend=os.fspath(backend)), None
+    return config, backend
+
+
+@register_adapter("diffusion_tta")
+class DiffusionTTA(JudgedAdapter):
+    Config = DiffusionTTAConfig
+
+    def __init__(self, model: nn.Module, cfg: Any = None, backend: Any = None, **overrides):
+        config, backend = _split_backend_argument(make_config(self.Config, cfg, overrides), backend)
+        judge = resolve_backend(backend, config.backend, "diffusion_tta", device=_device_of(model))
+        if config.backend is None:
+            config = dataclasses.replace(config, backend=judge.source)
+        match_backend_to_model(model, judge, "diffusion_tta")
+        super().__init__(model, config)
+        self.backend = judge.eval().requires_grad_(False)
+        if config.adapt_backend:
+            named = [(f"backend.{n}", p) for n, p in named_denoiser_parameters(judge)]
+            for _, p in named:
+                p.requires_grad_(True)
+            self.adapted = self.adapted + named
+            group = {"params": [p for _, p in named], "lr": config.backend_lr if config.backend_lr is not None
+                     else config.lr}
+            if self.optimizer is None:
+                self.optimizer = self.build_optimizer(group["params"])
+                self.optimizer.param_groups[0]["lr"] = group["lr"]
+            else:
+                self.optimizer.add_param_group(group)
+        self._generator = None
+        if config.seed is not None:
+            device = _device_of(judge) or torch.device("cpu")
+            self._generator = torch.Generator(device=device).manual_seed(config.seed)
+        self._x0 = None
+        self.last_loss: Optional[float] = None
+        self._source_state = self._capture_state()  # now with the judge, when it adapts
+
+    def adapted_judge_prefixes(self) -> Tuple[str, ...]:
+        if not self.cfg.adapt_backend or "backend" not in self._modules:  # the base class snapshots before it is set
+            return ()
+        return (f"backend.{denoiser_prefix(self.backend)}.",)
+
+    # ---- what adapts -------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        super().configure_model()  # eval mode: per-example batches cannot give batch statistics
+        adapt = self.cfg.adapt
+        if adapt == "all":
+            self.model.requires_grad_(True)
+        elif adapt == "norm":
+            if not enable_norm_affine(self.model):
+                raise ValueError("adapt='norm' found no normalisation layers in this model; use adapt='all' or 'last'")
+        elif adapt == "last":
+            for _, p in last_layer_parameters(self.model, self.cfg.last_layer):
+                p.requires_grad_(True)
+        else:
+            self.lora = LoRASet(self.model, self.cfg.lora_rank, self.cfg.lora_alpha)
+
+    def collect_params(self) -> List[Tuple[str, nn.Parameter]]:
+        if self.cfg.adapt == "lora":
+            return [(f"lora.{n}", p) for n, p in self.lora.named_parameters()]
+        return super().collect_params()
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The (adapted) model's output; with LoRA the low-rank updates are applied on the fly."""
+        return self.lora(self.model, x) if self.cfg.adapt == "lora" else self.model(x)
+
+    # ---- the loss ------------------------------------------------------------------------------------------------
+    def condition_weights(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Soft class weights (softmax over dim 1) for classifiers and segmenters, the map itself for depth."""
+        task = model_task(self.model) or ("classification" if outputs.dim() == 2 else
+                                          "depth" if outputs.shape[1] == 1 else "segmentation")
+        if task == "depth":
+            return outputs.unsqueeze(1) if outputs.dim() == 3 else outputs
+        k = self.backend.map_channels if self.backend.conditioning == "map" else self.backend.num_classes
+        if outputs.dim() < 2 or outputs.shape[1] != k:
+            raise ValueError(f"diffusion_tta: the model's output {tuple(outputs.shape)} does not give the {k} "
+                             f"class scores the {self.backend.kind} judge is conditioned on")
+        return outputs.softmax(1)
+
+    def compute_gradients(self, x: torch.Tensor, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Accumulate the gradient of one step's loss (mean over images and `pairs` (t, eps) pairs) into the
+        adapted parameters without applying it; returns the model's outputs."""
+        backend, cfg = self.backend, self.cfg
+        device = backend.alphas_cumprod.device
+        if x0 is None:
+            x0 = backend.encode(x.to(device))
+        outputs = self.predict(x)
+        with autocast_for(device, cfg.autocast):
+            cond = backend.condition(self.condition_weights(outputs).to(device))
+        # The judge's gradient is gathered on a detached condition, micro-batch by micro-batch, then carried into
+        # the model in one backward pass (see the module doc).
+        cond_leaf = cond.detach().requires_grad_(True)
+        b, n = x0.shape[0], cfg.pairs
+        t, noise = sample_pairs(x0, n, backend.num_train_timesteps, cfg.timesteps, cfg.noise, self._generator)
+        total = torch.zeros((), device=device)
+        for start in range(0, n, cfg.micro_batch):
+            m = min(cfg.micro_batch, n - start)
+            with autocast_for(device, cfg.autocast):
+                err = backend.denoising_error(x0.repeat_interleave(m, 0), cond_leaf.repeat_interleave(m, 0),
+                                              t[:, start:start + m].reshape(-1),
+                                              noise[:, start:start + m].reshape(b * m, *x0.shape[1:]), cfg.loss)
+            (err.sum() / (b * n)).backward()
+            total += err.detach().sum()
+        if cond.requires_grad:
+            cond.backward(cond_leaf.grad.to(cond.dtype))
+        self.last_loss = float(total / (b * n))
+        return outputs
+
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = self.compute_gradients(x, self._x0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return outputs
+
+    def adapt_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.steps == 0:
+            with torch.no_grad():
+                return self.predict(x)
+        with torch.no_grad():
+            self._x0 = self.backend.encode(x.to(self.backend.alphas_cumprod.device))  # once per image
+        try:
+            with torch.enable_grad():  # adapt even when called under torch.no_grad()
+                for _ in range(self.cfg.steps):
+                    self.forward_and_adapt(x)
+        finally:
+            self._x0 = None
+        with torch.no_grad():  # the prediction of the adapted model, as in the paper
+            return self.predict(x)
