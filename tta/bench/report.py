@@ -131,6 +131,36 @@ class Group:
             body.append(cells)
         return header, body
 
+    def summary(self, metric: str) -> List[str]:
+        """One plain sentence per method: its clean and mean-corrupted value against the source model of this
+        group (same model, images and setting), so the outcome is stated, not left to be read off a table."""
+        source = self.source_method()
+        if source is None:
+            return []
+
+        def mean_over(method: str, corrupted: bool) -> Optional[float]:
+            values = [r["metrics"].get(metric) for r in self.method_rows[method]
+                      if (r.get("severity") is not None) == corrupted]
+            return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+        lines = []
+        for m in self.methods:
+            if m == source:
+                continue
+            parts = []
+            for corrupted, what in ((True, "corrupted domains (mean)"), (False, "clean")):
+                v, ref = mean_over(m, corrupted), mean_over(source, corrupted)
+                if v is None or ref is None:
+                    continue
+                delta = _scale(metric, v - ref)
+                verdict = "beats" if delta > 0.05 else "falls below" if delta < -0.05 else "ties with"
+                parts.append(f"on {what} {_fmt(metric, v)} vs {_fmt(metric, ref)}: {verdict} {source} by "
+                             f"{abs(delta):.1f} points" if metric in FRACTIONS else
+                             f"on {what} {v:.3f} vs {ref:.3f} ({verdict} {source})")
+            if parts:
+                lines.append(f"- **{m}** {metric}: " + "; ".join(parts) + ".")
+        return lines
+
     def cost(self) -> List[List[str]]:
         out = []
         for m in self.methods:
@@ -260,6 +290,10 @@ def write_report(paths: Sequence, out: Optional[str] = None, plots: bool = True)
     for gi, g in enumerate(groups):
         md += [f"## {g.title}", ""]
         source = g.source_method()
+        primary_metric = g.rows[0].get("primary_metric", "accuracy")
+        summary = g.summary(primary_metric)
+        if summary:
+            md += ["**Outcome against the source model** (same model, images and setting):", ""] + summary + [""]
         for metric, higher in g.metrics():
             header, body = g.table(metric)
             md += [f"**{metric}** ({'higher' if higher else 'lower'} is better)", "", _markdown_table(header, body), ""]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+from torch.utils.data import Subset
 
 from ..data.streams import Domain, iterate_domain, iterate_stream
 from .datasets import BuildContext, build_domains
@@ -125,7 +126,7 @@ class Runner:
         return {"benchmark": self.spec.name, "method": job.method.label, "adapter": job.method.name,
                 "config": job.config, "config_id": job.config_id,
                 "model": model_id(self.spec, job.method.model) if job.method.model else self.model_id,
-                "data_id": self.data_id,
+                "data_id": self.data_id + (f"+first{job.method.limit}" if job.method.limit else ""),
                 "data": self.data, "domain": domain.name, "severity": domain.severity, "setting": job.setting,
                 "batch_size": job.batch_size, "seed": job.seed}
 
@@ -147,7 +148,7 @@ class Runner:
             base_model = spec.model.build().eval()
             input_size, class_names, task = base_model.input_size, base_model.class_names, base_model.task
         ctx = BuildContext(tuple(input_size), class_names, self.download, self.limit)
-        domains = build_domains(spec.data, ctx)
+        domains = all_domains = build_domains(spec.data, ctx)
         if not domains:
             raise ValueError("the data section yields no domains; list corruptions or set clean: true")
 
@@ -160,12 +161,14 @@ class Runner:
             run_domains = list(range(len(domains))) if replay else [k for k, m in enumerate(missing) if m]
             todo.append((job, run_domains))
         skipped = sum(len(domains) for _ in self.jobs) - sum(sum(self._missing(j, domains)) for j, _ in todo)
-        total = sum(-(-len(domains[k].dataset) // job.batch_size) for job, ks in todo for k in ks)
+        total = sum(-(-len(_limited(domains, job.method.limit)[k].dataset) // job.batch_size)
+                    for job, ks in todo for k in ks)
         bars = _Progress(total, self.progress)
         written = 0
         try:
             for job, ks in todo:
                 torch.manual_seed(job.seed)
+                domains = _limited(all_domains, job.method.limit)
                 if spec.model.per_domain:
                     for k in ks:
                         d = domains[k]
@@ -177,10 +180,11 @@ class Runner:
                     # A method may bring its own model (e.g. it3 needs a network trained to take y as input).
                     model = job.method.model.build().eval() if job.method.model else copy.deepcopy(base_model)
                     adapter = self._adapter(job, model)
+                    own_task = getattr(model, "task", None) or task  # a slot model is scored as object discovery
                     if job.setting == "mixed":
-                        written += self._run_mixed(job, adapter, domains, task, bars)
+                        written += self._run_mixed(job, adapter, domains, own_task, bars)
                     else:
-                        written += self._run_domains(job, adapter, domains, ks, task, bars)
+                        written += self._run_domains(job, adapter, domains, ks, own_task, bars)
                     del adapter
         finally:
             bars.close()
@@ -212,8 +216,7 @@ class Runner:
             events_before = dict(getattr(adapter, "guard_events", {}))
             bar = bars.domain(-(-len(d.dataset) // job.batch_size), f"{job.method.label} {job.setting} {d.label}")
             start = time.perf_counter()
-            for batch in iterate_domain(domains, k, job.setting, job.batch_size, job.seed, self.spec.shuffle,
-                                        self.num_workers):
+            for batch in self._domain_batches(job, domains, k):
                 if batch.reset and job.setting != "episodic":  # episodic adapters reset themselves after each call
                     adapter.reset()
                 out, seconds = self._step(adapter, batch.x)
@@ -229,6 +232,10 @@ class Runner:
             written += self._write(job, d, meter, curve, batches, model_s, time.perf_counter() - start, task,
                                    _new_events(events_before, getattr(adapter, "guard_events", {})))
         return written
+
+    def _domain_batches(self, job: Job, domains: List[Domain], k: int):
+        """The batches of domain k for `job` (tta.bench.distributed keeps a rank's share of them)."""
+        return iterate_domain(domains, k, job.setting, job.batch_size, job.seed, self.spec.shuffle, self.num_workers)
 
     def _run_mixed(self, job: Job, adapter, domains: List[Domain], task: str, bars) -> int:
         classes = len(adapter.model.class_names) if getattr(adapter.model, "class_names", None) else None
@@ -268,6 +275,14 @@ class Runner:
             **self.provenance,
         })
         return int(self.store.append(row))
+
+
+def _limited(domains: List[Domain], limit: Optional[int]) -> List[Domain]:
+    """The first `limit` images of each domain (domains are already seeded random subsets)."""
+    if limit is None:
+        return domains
+    return [d if len(d.dataset) <= limit else dataclasses.replace(d, dataset=Subset(d.dataset, range(limit)))
+            for d in domains]
 
 
 def _new_events(before: Dict[str, int], after: Dict[str, int]) -> Dict[str, int]:

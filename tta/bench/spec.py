@@ -33,6 +33,8 @@ def strict_dataclass(cls, values: Any, where: str):
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {', '.join(valid)}")
+    from ..adapter import check_field_types
+    check_field_types(cls, values, where)  # a string for a number, "false" for a boolean: ValueError
     try:
         return cls(**values)
     except TypeError as err:
@@ -122,6 +124,7 @@ class MethodSpec:
     batch_size: Optional[int] = None
     settings: Optional[List[str]] = None
     model: Optional[ModelSpec] = None      # the method's own model, when it needs one (it3, slow_inference)
+    limit: Optional[int] = None            # at most this many images per domain (slow per-example methods)
 
     def __post_init__(self):
         self.label = self.label or self.name
@@ -131,6 +134,8 @@ class MethodSpec:
                 raise ValueError(f"method {self.label}: a method's own model cannot take class_names: data")
         for s in self.settings or []:
             check_setting(s)
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise ValueError(f"method {self.label}: limit must be a positive integer, got {self.limit!r}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ValueError(f"method {self.label}: batch_size must be a positive integer, got {self.batch_size!r}")
 
@@ -217,5 +222,28 @@ def load_spec(path) -> BenchmarkSpec:
         raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist; pass a YAML file (see benchmarks/) "
                                 f"or the name of a packaged benchmark: {shipped}")
     with open(path) as f:
-        values = yaml.safe_load(f)
+        values = yaml.load(f, Loader=_unique_keys_loader(yaml, str(path)))
     return parse_spec(values, str(path))
+
+
+def _unique_keys_loader(yaml, where: str):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: construct_mapping reports it
+                continue
+            if duplicate:
+                raise ValueError(f"{where}: line {key_node.start_mark.line + 1}: key {key!r} appears twice in the "
+                                 "same mapping; keep one")
+        return loader.construct_mapping(node, deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeyLoader
