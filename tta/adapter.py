@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import numbers
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -55,7 +57,75 @@ def make_config(config_cls, cfg=None, overrides: Optional[Dict[str, Any]] = None
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise TypeError(f"unknown config key(s) {unknown} for {config_cls.__qualname__}; valid keys: {', '.join(valid)}")
+    check_field_types(config_cls, values, config_cls.__qualname__)
     return config_cls(**values)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` fits the annotation `hint` (the types config and spec dataclasses use); an annotation this
+    does not know is not checked."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Union:
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return all(_matches(v, args[0]) for v in value) if args else True
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return isinstance(value, (hint, dict))  # a nested spec section, built from its mapping
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return " or ".join(_describe(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin in (tuple, list):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_field_types(cls, values: Dict[str, Any], where: str) -> None:
+    """Refuse values of the wrong type (a string for a number, "false" for a boolean) before they silently mean
+    something else; the message names the field, the expected type and how to write it."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is None or _matches(value, hint):
+            continue
+        hint_text = ""
+        if isinstance(value, str) and _matches(1.0, hint):
+            try:
+                float(value)
+                hint_text = " (YAML reads 1e-3 as a string: write 1.0e-3)"
+            except ValueError:
+                pass
+        elif isinstance(value, str) and value.lower() in ("true", "false", "yes", "no") and _matches(True, hint):
+            hint_text = " (write true or false without quotes)"
+        raise ValueError(f"{where}: {key} must be {_describe(hint)}, got {type(value).__name__} {value!r}{hint_text}")
 
 
 def build_optimizer(params: List[nn.Parameter], cfg: AdapterConfig) -> torch.optim.Optimizer:
@@ -70,7 +140,7 @@ def check_batch(x: Any, name: str = "input") -> None:
     """Refuse inputs that would silently corrupt adaptation: non-tensors, empty batches, NaN or inf."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 2 or x.shape[0] == 0:
+    if x.dim() < 2 or x.numel() == 0:
         raise ValueError(f"{name} must be a non-empty batch with a leading batch dimension, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (images as floats in [0, 1]), got {x.dtype}; "
@@ -116,13 +186,25 @@ class Adapter(nn.Module):
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_batch(x)
+        x = self.check_input(x)
         if not self.cfg.episodic:
             return self.adapt_and_predict(x)
         try:
             return self.adapt_and_predict(x)
         finally:
             self.reset()  # episodic: the next call, and the caller, see the source model again
+
+    def check_input(self, x: Any) -> torch.Tensor:
+        """Validate x before any method code sees it (so a refused input never changes the state): the batch checks,
+        and for a wrapped model (ImageModel) its image checks too, [0, 1] range and channels included. Returns x
+        detached (adaptation never differentiates through the input) in the model's floating dtype."""
+        from .models.wrapper import ImageModel, check_images
+        check_batch(x)
+        if isinstance(self.model, ImageModel):
+            check_images(x, self.model.input_size[0])
+        x = x.detach()
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        return x.to(dtype) if dtype is not None and x.dtype != dtype else x
 
     def adapt_and_predict(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.steps == 0:
@@ -155,16 +237,30 @@ class Adapter(nn.Module):
         return True
 
     def diverged(self, outputs: torch.Tensor) -> bool:
-        """Non-finite weights or outputs, or a collapse: a batch of 16 or more all predicted as one class with
-        near-zero entropy, which entropy minimisation reaches when it degenerates."""
+        """Non-finite weights or outputs, exploded weights, or a collapse: a batch of 16 or more all predicted as
+        one class with near-zero entropy, which entropy minimisation reaches when it degenerates."""
         if any(not torch.isfinite(p).all() for _, p in self.adapted) or not torch.isfinite(outputs).all():
             self._count("diverged")
+            return True
+        if self._exploded():
+            self._count("exploded")
             return True
         if outputs.dim() == 2 and outputs.shape[0] >= 16 and outputs.shape[1] >= 2:
             probs = outputs.float().softmax(1)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean()
             if bool((outputs.argmax(1) == outputs[0].argmax()).all()) and float(entropy) < 1e-3:
                 self._count("collapsed")
+                return True
+        return False
+
+    def _exploded(self) -> bool:
+        """Weights that grew a thousandfold beyond the source's scale: still finite, but the predictions they give
+        are arbitrary (a huge learning rate reaches this long before NaN)."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        source = self._source_state["module"]
+        for _, p in self.adapted:
+            p0 = source.get(names.get(id(p)))
+            if p0 is not None and float(p.detach().abs().max()) > 1e3 * (float(p0.abs().max()) + 1.0):
                 return True
         return False
 

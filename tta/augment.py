@@ -19,6 +19,8 @@ def cotta_augment(images: torch.Tensor) -> torch.Tensor:
     """One random CoTTA-style view of a batch: colour jitter, affine, blur, flip, small noise, clamped to [0, 1]."""
     import torchvision.transforms.v2 as T
     h = images.shape[-1]
+    if min(images.shape[-2:]) < 8:
+        raise ValueError(f"cotta's augmentations need images of at least 8x8 pixels, got {tuple(images.shape[-2:])}")
     aug = T.Compose([
         T.ColorJitter(brightness=0.4, contrast=0.3, saturation=0.3, hue=0.06),
         T.RandomAffine(degrees=15, translate=(1 / 16, 1 / 16), scale=(0.9, 1.1)),

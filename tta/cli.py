@@ -105,6 +105,8 @@ def cmd_run(args) -> int:
     loader = _batches(dataset, args.batch_size, args.limit)
     shift = f"{args.corruption}-{args.severity}" if args.corruption else "clean"
     print(f"model {args.model} | data {args.data} ({len(loader.dataset)} images, {shift}) | device {args.device}")
+    if dataset.skipped:
+        print(f"skipped {len(dataset.skipped)} unreadable file(s): {', '.join(dataset.skipped[:5])}")
 
     def show(label: str, res: Dict[str, object]) -> None:
         acc = "n/a (unlabelled data)" if res["accuracy"] is None else f"{100 * res['accuracy']:.1f}%"
@@ -117,8 +119,6 @@ def cmd_run(args) -> int:
         adapter = tta.create_adapter(name, copy.deepcopy(model), **configs[name])
         res = _evaluate(adapter, loader, args.corruption, args.severity, args.seed, args.device, name)
         show(f"after ({name})", res)
-    if dataset.skipped:
-        print(f"skipped {len(dataset.skipped)} unreadable file(s): {', '.join(dataset.skipped[:5])}")
     if source["accuracy"] is None:
         top = sorted(source["predictions"].items(), key=lambda kv: -kv[1])[:5]
         names = model.class_names or []

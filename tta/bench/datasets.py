@@ -270,3 +270,23 @@ class LabelledTensors(Dataset):
 
     def __getitem__(self, i):
         return self.images[i], self.targets[i]
+
+
+@dataclass
+class ScenesConfig(DataConfig):
+    scenes: int = 200            # test scenes composed from the shipped Fashion-MNIST test subset (tta.data.scenes)
+    scene_seed: int = 0
+
+
+@register_data_kind("fashion-mnist-scenes", ScenesConfig)
+def _fashion_mnist_scenes(cfg: ScenesConfig, ctx: BuildContext) -> List[Domain]:
+    """Two-item Fashion-MNIST scenes with per-pixel masks (0 background, c + 1 item class): segmentation targets,
+    and ARI / FG-ARI targets for slot models (the items of a scene have distinct classes)."""
+    from ..data.scenes import scene_dataset
+    ds = scene_dataset(cfg.scenes, cfg.scene_seed)
+    size = tuple(ds[0][0].shape)
+    if size != tuple(ctx.input_size):
+        raise ValueError(f"scene images are {size} but the model takes {tuple(ctx.input_size)}; use a model built "
+                         "for them such as zoo:scenes-seg")
+    return with_corruptions(ds, cfg, f"fashion-mnist-scenes:{cfg.scenes}:{cfg.scene_seed}", ctx.input_size,
+                            name="scenes")

@@ -279,11 +279,42 @@ class DepthMeter:
         return out
 
 
+class ObjectDiscoveryMeter:
+    """ARI and FG-ARI (mean over images) of slot masks (B, S, H, W) against integer label maps (B, H, W), for
+    slot models (task "object_discovery"): slot k has no fixed class, so only the partition is compared."""
+    primary = "fg_ari"
+
+    def __init__(self):
+        self.ari: List[float] = []
+        self.fg_ari: List[float] = []
+        self.n = 0
+
+    def update(self, outputs: torch.Tensor, target: torch.Tensor) -> None:
+        from ..segmentation_metrics import adjusted_rand_index, foreground_ari
+        if outputs.dim() != 4:
+            raise ValueError(f"object discovery needs (B, S, H, W) slot masks, got {tuple(outputs.shape)}")
+        if outputs.shape[-2:] != target.shape[-2:]:
+            outputs = F.interpolate(outputs.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+        pred, target = outputs.argmax(1).cpu(), target.cpu().long()
+        self.ari += adjusted_rand_index(target, pred).tolist()
+        self.fg_ari += foreground_ari(target, pred).tolist()
+        self.n += len(target)
+
+    def running(self) -> Optional[float]:
+        return sum(self.fg_ari) / len(self.fg_ari) if self.fg_ari else None
+
+    def compute(self) -> Dict[str, Optional[float]]:
+        if not self.ari:
+            return {"fg_ari": None, "ari": None}
+        return {"fg_ari": sum(self.fg_ari) / len(self.fg_ari), "ari": sum(self.ari) / len(self.ari)}
+
+
 # Which metrics a report shows per task, and whether larger is better (for "change against source").
 TASK_METRICS: Dict[str, List[Tuple[str, bool]]] = {
     "classification": [("accuracy", True), ("ece", False)],
     "segmentation": [("miou", True), ("pixel_accuracy", True)],
     "depth": [("abs_rel", False), ("rmse", False), ("delta1", True), ("ssim", True)],
+    "object_discovery": [("fg_ari", True), ("ari", True)],
 }
 
 
@@ -296,4 +327,6 @@ def make_meter(task: str, num_classes: Optional[int] = None, class_subset: Optio
         return SegmentationMeter(num_classes)
     if task == "depth":
         return DepthMeter()
+    if task == "object_discovery":
+        return ObjectDiscoveryMeter()
     raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASK_METRICS)}")

@@ -43,8 +43,9 @@ def fit_to_size(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
 
 @dataclass
 class ImageList(Dataset):
-    """(path, label) pairs -> (image, label) with label -1 where unknown. Unreadable files raise, or with
-    on_error="skip" are replaced by the next readable one and counted in `skipped`."""
+    """(path, label) pairs -> (image, label) with label -1 where unknown. Unreadable files raise naming the file,
+    or with on_error="skip" are read once up front, dropped from the list and named in `skipped` (each once), so
+    no image is counted twice and len() is the number of images actually evaluated."""
     items: List[Tuple[Path, int]]
     input_size: Tuple[int, int, int] = (3, 224, 224)
     class_names: Optional[List[str]] = None
@@ -56,23 +57,30 @@ class ImageList(Dataset):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if not self.items:
             raise ValueError("the image list is empty")
+        if self.on_error == "skip":
+            readable = []
+            for path, label in self.items:
+                try:
+                    load_image(path, self.input_size[0])
+                    readable.append((path, label))
+                except Exception:
+                    self.skipped.append(str(path))
+            self.items = readable
+            if not self.items:
+                raise ValueError(f"none of the {len(self.skipped)} image file(s) is readable "
+                                 f"(e.g. {self.skipped[0]!r})")
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        for j in range(len(self.items)):
-            path, label = self.items[(i + j) % len(self.items)]
-            try:
-                img = load_image(path, self.input_size[0])
-            except Exception as err:
-                if self.on_error == "raise":
-                    raise ValueError(f"cannot read image {str(path)!r} ({err}); fix or remove it, or pass "
-                                     "on_error='skip' (--on-error skip) to skip unreadable files") from err
-                self.skipped.append(str(path))
-                continue
-            return fit_to_size(img, self.input_size[1:]), label
-        raise ValueError("no readable image in the list")
+        path, label = self.items[i]
+        try:
+            img = load_image(path, self.input_size[0])
+        except Exception as err:
+            raise ValueError(f"cannot read image {str(path)!r} ({err}); fix or remove it, or pass "
+                             "on_error='skip' (--on-error skip) to skip unreadable files") from err
+        return fit_to_size(img, self.input_size[1:]), label
 
     @property
     def labelled(self) -> bool:

@@ -23,14 +23,16 @@ def check_images(x: torch.Tensor, channels: Optional[int] = None, name: str = "i
         hint = " (add a batch dimension with x.unsqueeze(0))" if x.dim() == 3 else ""
         raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(x.shape)}{hint}")
     if x.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch")
+        raise ValueError(f"{name} is an empty batch; pass at least one image")
     if channels is not None and x.shape[1] != channels:
         hint = " (channels last? use x.permute(0, 3, 1, 2))" if x.shape[-1] == channels else ""
         raise ValueError(f"{name} must have {channels} channels, got shape {tuple(x.shape)}{hint}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} have no pixels, got shape {tuple(x.shape)}; pass images of at least 1x1")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be float in [0, 1], got {x.dtype}; use x.float() / 255")
     if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf values")
+        raise ValueError(f"{name} contains NaN or inf values; clean or drop those images")
     lo, hi = x.min().item(), x.max().item()
     if hi > 1.0 + 1e-3 or lo < -1e-3:
         hint = " (it looks like 0..255: divide by 255)" if hi > 2 else " (already normalised? pass raw [0, 1] images)"
@@ -65,7 +67,17 @@ class ImageModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x, self.input_size[0])
-        out = self.net(self.normalize(x))
+        dtype = next((p.dtype for p in self.net.parameters() if p.is_floating_point()), None)
+        if dtype is not None and x.dtype != dtype:  # float64 / float16 images for a float32 network, and so on
+            x = x.to(dtype)
+        try:
+            out = self.net(self.normalize(x))
+        except RuntimeError as err:
+            size = tuple(self.input_size[1:])
+            if tuple(x.shape[-2:]) == size or isinstance(err, torch.cuda.OutOfMemoryError):
+                raise
+            raise ValueError(f"{self.name} cannot take images of size {tuple(x.shape[-2:])} ({err}); it was built for "
+                             f"{size}: resize the images to {size} (e.g. tta.data.images.fit_to_size)") from err
         if isinstance(out, dict):  # torchvision segmentation models return {"out": ..., "aux": ...}
             out = out["out"]
         elif isinstance(out, (tuple, list)):

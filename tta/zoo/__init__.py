@@ -5,4 +5,4 @@ metrics) and a committed checkpoint under tta/zoo/checkpoints/. Classifiers load
 `tta.create_model("zoo:<name>")`; diffusion judges are folders passed to the diffusion backends.
 """
 from .registry import ZOO, checkpoint_path, list_zoo, train  # noqa: F401
-from . import fmnist  # noqa: F401  (registers the members)
+from . import fmnist, scenes  # noqa: F401  (registers the members)

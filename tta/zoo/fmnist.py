@@ -39,7 +39,7 @@ class FashionCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def load_classifier(path: Optional[Path], **kwargs) -> ImageModel:
+def load_classifier(path: Optional[Path]) -> ImageModel:
     net = FashionCNN()
     if path is not None:
         load_weights(net, path)
@@ -52,7 +52,7 @@ def _log(step, total, start, **values):
     print(f"step {step}/{total} {shown} ({rate:.2f} s/step, eta {rate * (total - step) / 60:.1f} min)", flush=True)
 
 
-def load_it3_classifier(path: Optional[Path], **kwargs):
+def load_it3_classifier(path: Optional[Path]):
     """The FashionCNN as f(x, y): y's embedding is added after the first pooling (32 channels)."""
     from ..nets import IT3Net
     model = IT3Net(load_classifier(None), num_outputs=len(CLASS_NAMES), layer="net.features.6", feature_channels=32)

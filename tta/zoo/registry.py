@@ -47,7 +47,15 @@ def zoo_model(name: str, pretrained: bool = True, weights=None, **kwargs):
     if member.load is None:
         raise ValueError(f"zoo member {name!r} is not a discriminative model; zoo models: "
                          f"{', '.join(n for n in ZOO.names() if ZOO.get(n).load)}")
-    path = Path(weights) if weights is not None else checkpoint_path(name)
+    if kwargs:
+        raise TypeError(f"zoo model {name!r} takes no model arguments, got {sorted(kwargs)}")
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"weight file {str(path)!r} does not exist; pass a checkpoint written by "
+                                    f"`tta zoo train {name} --out FILE`, or drop weights to use the shipped one")
+        return member.load(path)
+    path = checkpoint_path(name)
     if pretrained and not path.exists():
         raise FileNotFoundError(f"no checkpoint for zoo model {name!r} at {path}; create it with `tta zoo train {name}`")
-    return member.load(path if pretrained or weights is not None else None, **kwargs)
+    return member.load(path if pretrained else None)
