@@ -17,6 +17,7 @@ from torch import nn
 from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from ..models.weights import load_weights
 from ..models.wrapper import ImageModel
+from .ddpm import log_progress
 from .registry import ZooMember, register_member
 
 MEAN, STD = (0.2860,), (0.3530,)
@@ -44,12 +45,6 @@ def load_classifier(path: Optional[Path]) -> ImageModel:
     if path is not None:
         load_weights(net, path)
     return ImageModel(net, MEAN, STD, CLASS_NAMES, (1, 28, 28), name="zoo:fmnist-cnn")
-
-
-def _log(step, total, start, **values):
-    rate = (time.perf_counter() - start) / max(step, 1)
-    shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
-    print(f"step {step}/{total} {shown} ({rate:.2f} s/step, eta {rate * (total - step) / 60:.1f} min)", flush=True)
 
 
 def load_it3_classifier(path: Optional[Path]):
@@ -85,7 +80,7 @@ def train_classifier(out: Path, steps: Optional[int] = None, device: str = "cpu"
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps:
-            _log(step, steps, start, loss=loss.item())
+            log_progress(step, steps, start, loss=loss.item())
     model.eval()
     with torch.no_grad():
         acc = sum((model(xt[i:i + 1000].to(device)).argmax(1).cpu() == yt[i:i + 1000]).sum().item()
@@ -110,66 +105,20 @@ def build_judge_unet():
 
 def train_judge(out: Path, steps: Optional[int] = None, device: str = "cpu", seed: int = 0,
                 batch_size: int = 128, save_every: int = 250) -> dict:
-    """DDPM epsilon-prediction training (1000 linear-beta steps), AdamW 1e-3 with warm-up and cosine decay, EMA
-    0.999 of the weights (saved). Saves the EMA weights every `save_every` steps, so an interrupted run leaves
-    a usable judge."""
-    from diffusers import DDPMScheduler
+    """The shared DDPM recipe (tta.zoo.ddpm), 3000 steps of batch 128 by default, class labels as condition."""
     from ..generative.base import prepare_images
-    torch.manual_seed(seed)
+    from .ddpm import save_judge_folder, train_ddpm
     x, y = load_fashion_mnist("train")
     x = prepare_images(x, (JUDGE_SIZE, JUDGE_SIZE), 1)  # the judge's own preprocessing, done once
-    unet = build_judge_unet().to(device)
-    ema = build_judge_unet().to(device).requires_grad_(False)
-    ema.load_state_dict(unet.state_dict())
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    alphas = scheduler.alphas_cumprod.to(device)
-    steps = steps or 3000
-    opt = torch.optim.AdamW(unet.parameters(), 1e-3, weight_decay=0.0)
-    warmup = 100
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    gen = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    running = None
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(x), (batch_size,), generator=gen)
-        x0, labels = x[idx].to(device), y[idx].to(device)
-        t = torch.randint(0, 1000, (batch_size,), generator=gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(x_t, t, class_labels=labels).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.mul_(decay).add_(p, alpha=1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 50 == 0 or step == steps:
-            _log(step, steps, start, loss=running)
-        if step % save_every == 0 or step == steps:
-            save_judge(ema, scheduler, out, {"steps_done": step, "steps": steps, "loss_ema": running})
-    metrics = {"steps": steps, "final_loss_ema": running, "seconds": time.perf_counter() - start}
+    meta = {"kind": "pixel-unet", "class_names": list(CLASS_NAMES), "data": "Fashion-MNIST train, 16x16",
+            "recipe": "tta zoo train fmnist-judge"}
+    metrics = train_ddpm(
+        build_judge_unet, len(x), lambda idx: (x[idx], y[idx].to(device)),
+        lambda unet, x_t, t, labels: unet(x_t, t, class_labels=labels).sample,
+        lambda ema, scheduler, info: save_judge_folder(ema, scheduler, out, {**meta, "training": info}),
+        steps or 3000, batch_size, seed, device, save_every)
     print(json.dumps(metrics))
     return metrics
-
-
-def save_judge(unet, scheduler, out: Path, training: dict) -> None:
-    """Write the judge in the pixel-unet backend layout; a temporary folder then a rename, so a crash mid-save
-    never leaves a half-written judge."""
-    import shutil
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp / "unet")
-    scheduler.save_pretrained(tmp / "scheduler")
-    meta = {"kind": "pixel-unet", "class_names": list(CLASS_NAMES), "data": "Fashion-MNIST train, 16x16",
-            "recipe": "tta zoo train fmnist-judge", "training": training}
-    (tmp / "tta_backend.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 register_member(ZooMember("fmnist-cnn", "Fashion-MNIST CNN with batch norm (28x28 grey, 10 classes)",

@@ -57,5 +57,6 @@ def zoo_model(name: str, pretrained: bool = True, weights=None, **kwargs):
         return member.load(path)
     path = checkpoint_path(name)
     if pretrained and not path.exists():
-        raise FileNotFoundError(f"no checkpoint for zoo model {name!r} at {path}; create it with `tta zoo train {name}`")
+        raise FileNotFoundError(f"no checkpoint for zoo model {name!r} at {path}; "
+                                f"create it with `tta zoo train {name}`")
     return member.load(path if pretrained else None)

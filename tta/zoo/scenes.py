@@ -13,7 +13,6 @@ split, test scenes from the shipped test subset, so the corruptions and the test
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,7 +24,7 @@ from torch import nn
 from ..data.scenes import CANVAS, CLASS_NAMES, test_scenes, train_scenes
 from ..models.weights import load_weights
 from ..models.wrapper import ImageModel
-from .fmnist import _log
+from .ddpm import log_progress
 from .registry import ZooMember, register_member
 
 MEAN, STD = (0.127,), (0.255,)   # pixel mean / std of the training scenes
@@ -100,7 +99,7 @@ def train_segmenter(out: Path, steps: Optional[int] = None, device: str = "cpu",
         sched.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == steps:
-            _log(step, steps, start, loss=running)
+            log_progress(step, steps, start, loss=running)
     model.eval()
     scores = _seg_scores(model.cpu(), test.images, test.masks)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,46 +124,20 @@ def train_judge(out: Path, steps: Optional[int] = None, device: str = "cpu", see
     cosine decay, EMA 0.999 (saved every `save_every` steps, atomically). The condition is the one-hot semantic
     mask (B, 5, 24, 24) concatenated to the noisy image; at test time diffusion_tta gives the segmenter's
     per-pixel softmax in its place."""
-    from diffusers import DDPMScheduler
-    torch.manual_seed(seed)
+    from .ddpm import save_judge_folder, train_ddpm
     data = train_scenes(TRAIN_SCENES, seed)
     x = data.images * 2 - 1
-    unet = build_judge_unet().to(device)
-    ema = build_judge_unet().to(device).requires_grad_(False)
-    ema.load_state_dict(unet.state_dict())
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    alphas = scheduler.alphas_cumprod.to(device)
-    steps = steps or 1300
-    opt = torch.optim.AdamW(unet.parameters(), 1e-3, weight_decay=0.0)
-    warmup = 100
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    gen = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    running = None
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(x), (batch_size,), generator=gen)
-        x0 = x[idx].to(device)
-        cond = F.one_hot(data.masks[idx], len(CLASS_NAMES)).permute(0, 3, 1, 2).float().to(device)
-        t = torch.randint(0, 1000, (batch_size,), generator=gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(torch.cat([x_t, cond], 1), t).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.mul_(decay).add_(p, alpha=1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 50 == 0 or step == steps:
-            _log(step, steps, start, loss=running)
-        if step % save_every == 0 or step == steps:
-            save_judge(ema, scheduler, out, {"steps_done": step, "steps": steps, "loss_ema": running})
-    metrics = {"steps": steps, "final_loss_ema": running, "seconds": time.perf_counter() - start}
+    meta = {"kind": "map-unet", "map_kind": "probabilities", "class_names": list(CLASS_NAMES),
+            "data": f"composed Fashion-MNIST train scenes (tta.data.scenes), {CANVAS}x{CANVAS}, one-hot masks",
+            "recipe": "tta zoo train scenes-judge"}
+
+    def batch(idx):
+        return x[idx], F.one_hot(data.masks[idx], len(CLASS_NAMES)).permute(0, 3, 1, 2).float().to(device)
+
+    metrics = train_ddpm(
+        build_judge_unet, len(x), batch, lambda unet, x_t, t, cond: unet(torch.cat([x_t, cond], 1), t).sample,
+        lambda ema, scheduler, info: save_judge_folder(ema, scheduler, out, {**meta, "training": info}),
+        steps or 1300, batch_size, seed, device, save_every)
     metrics.update(judge_map_check(out, seed))
     print(json.dumps(metrics))
     return metrics
@@ -187,21 +160,6 @@ def judge_map_check(path: Path, seed: int = 0, n: int = 64, pairs: int = 32) -> 
         err_right += backend.denoising_error(x0, right, t, noise).mean().item() / pairs
         err_wrong += backend.denoising_error(x0, wrong, t, noise).mean().item() / pairs
     return {"test_error_true_map": err_right, "test_error_shuffled_map": err_wrong}
-
-
-def save_judge(unet, scheduler, out: Path, training: dict) -> None:
-    """The map-unet layout (unet/ + scheduler/ + tta_backend.json), written to a temporary folder then renamed."""
-    import shutil
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp / "unet")
-    scheduler.save_pretrained(tmp / "scheduler")
-    meta = {"kind": "map-unet", "map_kind": "probabilities", "class_names": list(CLASS_NAMES),
-            "data": f"composed Fashion-MNIST train scenes (tta.data.scenes), {CANVAS}x{CANVAS}, one-hot masks",
-            "recipe": "tta zoo train scenes-judge", "training": training}
-    (tmp / "tta_backend.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 # ---- scenes-slots ----------------------------------------------------------------------------------------------
@@ -261,7 +219,7 @@ def train_slots(out: Path, steps: Optional[int] = None, device: str = "cpu", see
         opt.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == steps:
-            _log(step, steps, start, loss=running)
+            log_progress(step, steps, start, loss=running)
     model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out)
