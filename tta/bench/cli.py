@@ -19,11 +19,18 @@ def cmd_bench(args) -> int:
     from .spec import load_spec
     spec = load_spec(args.benchmark)
     out = Path(args.out) if args.out else Path("results") / f"{Path(args.benchmark).stem}.jsonl"
-    runner = Runner(spec, out, methods=_split(args.methods), limit=args.limit, device=args.device,
-                    data_root=args.data_root, download=args.download, progress=not args.no_progress,
-                    num_workers=args.num_workers)
-    summary = runner.run()
-    print(f"{spec.name}: {summary['written']} row(s) written, {summary['skipped']} already present -> {out}")
+    kwargs = dict(methods=_split(args.methods), limit=args.limit, device=args.device, data_root=args.data_root,
+                  download=args.download, progress=not args.no_progress, num_workers=args.num_workers)
+    from .distributed import distributed_env, run_distributed
+    if distributed_env().world_size > 1:  # torchrun: this rank's share, merged into `out` by rank 0
+        summary = run_distributed(spec, out, **kwargs)
+        print(f"{spec.name} rank {summary['rank']}/{summary['world_size']}: {summary['written']} row(s) written")
+        if summary["rank"] != 0:
+            return 0
+        print(f"{spec.name}: {summary['merged']} row(s) merged -> {out}")
+    else:
+        summary = Runner(spec, out, **kwargs).run()
+        print(f"{spec.name}: {summary['written']} row(s) written, {summary['skipped']} already present -> {out}")
     if args.report:
         from .report import write_report
         made = write_report([out])

@@ -1,0 +1,84 @@
+"""The project's Diffusion-TTA step (condition-gradient accumulation, one classifier pass) and the naive reference
+loop of benchmarks/perf/run.py (classifier re-run and image re-encoded per micro-batch) give the same loss and
+the same gradients on the same (t, eps) draws, and the same adapted weights after optimizer steps."""
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import tta
+from test_generative import save_pixel_judge
+
+RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def perf():
+    spec = importlib.util.spec_from_file_location("tta_perf_run", RUN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only contend with each other
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def judge(tmp_path_factory):
+    return save_pixel_judge(tmp_path_factory.mktemp("judge") / "judge", num_classes=5, size=16, channels=3)
+
+
+def tiny_classifier(num_classes=5, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, num_classes))
+
+
+@pytest.mark.parametrize("batch,pairs,micro_batch", [(1, 30, 15), (2, 23, 7)])
+def test_same_loss_and_gradients(judge, perf, batch, pairs, micro_batch):
+    model = tiny_classifier()
+    source = copy.deepcopy(model)
+    x = torch.rand(batch, 3, 20, 20, generator=torch.Generator().manual_seed(1))
+    adapter = tta.create_adapter("diffusion_tta", model, backend=judge, seed=0, pairs=pairs, micro_batch=micro_batch)
+    with torch.enable_grad():
+        adapter.compute_gradients(x)
+    project = {n: p.grad.clone() for n, p in adapter.model.named_parameters()}
+
+    naive_model = copy.deepcopy(source).requires_grad_(True)
+    loss = perf.naive_diffusion_tta_step(naive_model, adapter.backend, x, None, pairs, micro_batch,
+                                         torch.Generator().manual_seed(0), step=False)
+    assert loss == pytest.approx(adapter.last_loss, rel=1e-6, abs=1e-8)
+    for n, p in naive_model.named_parameters():
+        assert torch.allclose(p.grad, project[n], rtol=1e-4, atol=1e-8), n
+    assert any(g.abs().sum() > 0 for g in project.values())
+
+
+def test_same_adaptation_over_steps(judge, perf):
+    model = tiny_classifier()
+    source = copy.deepcopy(model)
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    adapter = tta.create_adapter("diffusion_tta", model, backend=judge, seed=0, steps=2, pairs=14, micro_batch=6,
+                                 episodic=False, lr=0.05)
+    losses = []
+    step = adapter.forward_and_adapt
+
+    def logged(xb):
+        out = step(xb)
+        losses.append(adapter.last_loss)
+        return out
+    adapter.forward_and_adapt = logged
+    project_out = adapter(x)
+
+    naive_losses = []
+    naive_out = perf.naive_diffusion_tta(source, adapter.backend, x, steps=2, pairs=14, micro_batch=6, lr=0.05,
+                                         generator=torch.Generator().manual_seed(0), losses=naive_losses)
+    assert naive_losses == pytest.approx(losses, rel=1e-5)
+    assert torch.allclose(naive_out, project_out, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,399 @@
+"""`tta bench` on several processes: torchrun (one node or many) with the env-var protocol of torch.distributed.
+
+    torchrun --nproc_per_node 4 -m tta bench benchmarks/quick.yaml --out results/quick.jsonl
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port 29500 --nproc_per_node 8 -m tta bench ...
+
+When WORLD_SIZE > 1, `tta bench` runs a `ShardedRunner` on every rank (gloo process group from the env vars):
+
+- episodic streams are sharded by example: rank r runs batches r, r + W, r + 2W, ... of every domain (batches
+  of the seeded order, so each batch holds the same images as in a single-process run) and writes a *shard
+  row* that carries its meter's state; the merge rebuilds one meter per domain from the shards and computes the
+  metrics exactly (accuracy and ECE from the pooled per-example confidences, confusion matrices and depth sums
+  added);
+- reset_per_shift streams are sharded by domain (each (job, domain) unit is one rank's: the model is reset at
+  the start of every domain, so a domain does not depend on the others);
+- continual and mixed streams carry the adapted state from one domain to the next, so splitting them would
+  change their results: a whole (method, setting, seed) stream is one rank's unit.
+  Units are dealt round-robin over the ranks in plan order.
+
+Each rank appends only to its own file, `<out stem>.rank<r>.jsonl` beside `--out` (so no two processes ever
+write to one file), with the same flush + fsync + lock as the results store. After a barrier, every rank sends
+its rows to rank 0 (gather over gloo, so nodes need no shared file system), which writes the merged rows to
+`--out`, deduplicated by row key. A rerun skips rows that are in `--out` or in any rank file (the ranks exchange
+the keys of their files at start), and shard rows of the same world size.
+
+Exactness: with a deterministic method the merged rows equal a single-process run's (tests/test_distributed.py).
+A method that draws from torch's global generator without its own seed (MEMO's augmentations, CoTTA, a
+Diffusion-TTA without `seed`) sees other random draws when its batches are spread over ranks, as it would in any
+other order of the same stream. Timing fields of merged episodic rows: `seconds` is the slowest shard's wall
+time, `seconds_model` the sum over shards (total compute).
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from ..data.streams import StreamBatch, domain_order
+from .results import ResultStore, _json_default, _lock, row_key
+from .runner import Job, Runner
+
+SHARD_FIELD = "shard"          # in rank rows of episodic shards: {"rank", "world_size", "meter", "batches"}
+ORDER_FIELD = "_order"         # in rank rows: [job index, domain index], to write the merged file in plan order
+CONFIG_ATTRIBUTES = ("subset", "n_bins", "num_classes", "ignore_index", "primary")
+
+
+# ---- the env-var protocol ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def distributed_env() -> DistEnv:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them (a single process without them)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"inconsistent torch.distributed environment: RANK={rank}, WORLD_SIZE={world}")
+    return DistEnv(rank, world, local)
+
+
+def init_process_group() -> None:
+    """gloo from the env vars (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE). Ranks may finish hours apart, so the
+    barrier's timeout is long: TTA_DIST_TIMEOUT_S, default 7 days."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=float(os.environ.get("TTA_DIST_TIMEOUT_S", 7 * 24 * 3600)))
+        dist.init_process_group("gloo", timeout=timeout)
+
+
+def rank_file(out, rank: int) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}.rank{rank}.jsonl")
+
+
+def shard_key(key: str, world_size: int, rank: int) -> str:
+    return json.dumps([key, world_size, rank])
+
+
+# ---- meters: their state as JSON, and the merge of shard states ----------------------------------------------
+def _encode(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return {"__tensor__": value.tolist(), "dtype": str(value.dtype).replace("torch.", "")}
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "__tensor__" in value:
+        return torch.tensor(value["__tensor__"], dtype=getattr(torch, value["dtype"]))
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def meter_state(meter) -> Dict[str, Any]:
+    """A meter's class and attributes (tensors as lists): enough to rebuild it on another process."""
+    cls = type(meter)
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "attributes": _encode(dict(vars(meter)))}
+
+
+def _merge_values(name: str, values: List[Any]) -> Any:
+    first = values[0]
+    if name in CONFIG_ATTRIBUTES or first is None or isinstance(first, (str, bool)):
+        if any(not _same(first, v) for v in values[1:]):
+            raise ValueError(f"meter shards disagree on {name!r}: {values}")
+        return first
+    if isinstance(first, list):
+        return [x for v in values for x in v]        # per-example lists, in shard order
+    if isinstance(first, torch.Tensor):
+        return sum(values[1:], first.clone())        # confusion matrices
+    if isinstance(first, dict):
+        return {k: _merge_values(k, [v[k] for v in values]) for k in first}
+    if isinstance(first, (int, float)):
+        return sum(values[1:], first)                # counts and sums
+    raise TypeError(f"cannot merge meter attribute {name!r} of type {type(first).__name__}")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
+
+
+def merge_meters(states: List[Dict[str, Any]]):
+    """One meter from the states of its shards: lists are concatenated, counts, sums and matrices added."""
+    import importlib
+    classes = {s["class"] for s in states}
+    if len(classes) != 1:
+        raise ValueError(f"shards of one row used different meters: {sorted(classes)}")
+    module, qualname = classes.pop().split(":")
+    cls = importlib.import_module(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    attributes = [_decode(s["attributes"]) for s in states]
+    meter = cls.__new__(cls)
+    for name in attributes[0]:
+        setattr(meter, name, _merge_values(name, [a[name] for a in attributes]))
+    return meter
+
+
+def merge_shard_rows(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The row of a whole domain from the shard rows of all ranks (one per rank, same key and world size)."""
+    rows = sorted(rows, key=lambda r: r[SHARD_FIELD]["rank"])
+    world = rows[0][SHARD_FIELD]["world_size"]
+    if [r[SHARD_FIELD]["rank"] for r in rows] != list(range(world)):
+        raise ValueError(f"merging needs one shard per rank 0..{world - 1}, got ranks "
+                         f"{[r[SHARD_FIELD]['rank'] for r in rows]}")
+    meter = merge_meters([r[SHARD_FIELD]["meter"] for r in rows])
+    batches = sorted((b for r in rows for b in r[SHARD_FIELD]["batches"]), key=lambda b: b["index"])
+    curve, n, labelled, correct, seconds = [], 0, 0, 0, 0.0
+    for i, b in enumerate(batches, 1):
+        n, seconds = n + b["n"], seconds + b["seconds"]
+        running = None
+        if b.get("correct") is not None:
+            labelled, correct = labelled + b["labelled"], correct + b["correct"]
+            running = correct / labelled if labelled else None
+        curve.append([i, n, running, round(seconds, 4)])
+    events: Dict[str, int] = {}
+    for r in rows:
+        for k, v in (r.get("guard_events") or {}).items():
+            events[k] = events.get(k, 0) + v
+    row = {k: v for k, v in rows[0].items() if k not in (SHARD_FIELD, ORDER_FIELD)}
+    from .runner import _thin
+    row.update({
+        "metrics": meter.compute(), "n": sum(r["n"] for r in rows), "n_batches": sum(r["n_batches"] for r in rows),
+        "seconds": max(r["seconds"] for r in rows), "seconds_model": round(sum(r["seconds_model"] for r in rows), 4),
+        "guard_events": events, "curve": _thin(curve), "finished": max(r["finished"] for r in rows),
+        "distributed": {"world_size": world, "sharded_by": "example"},
+    })
+    return row
+
+
+# ---- the rank's own file ----------------------------------------------------------------------------------
+class RankStore(ResultStore):
+    """A rank's own JSON-lines file. Full rows are keyed as in the results store; shard rows by (key, world
+    size, rank), so a rerun with another world size computes its own shards."""
+
+    def __init__(self, path, known_full: set, known_shards: set):
+        super().__init__(path)
+        self.shard_keys = set()
+        self.keys = set()
+        for r in self.rows():
+            self._remember(r)
+        self.known_full = known_full      # full keys in --out or in any rank file
+        self.known_shards = known_shards  # shard keys in any rank file
+        self.merged_keys: set = set()     # full keys in --out (rank 0's copy)
+
+    @staticmethod
+    def key_of(row: Dict[str, Any]) -> Tuple[str, bool]:
+        shard = row.get(SHARD_FIELD)
+        if shard:
+            return shard_key(row_key(row), shard["world_size"], shard["rank"]), True
+        return row_key(row), False
+
+    def _remember(self, row) -> None:
+        key, is_shard = self.key_of(row)
+        (self.shard_keys if is_shard else self.keys).add(key)
+
+    def append(self, row: Dict[str, Any]) -> bool:
+        key, is_shard = self.key_of(row)
+        if key in (self.shard_keys if is_shard else self.keys):
+            return False
+        line = (json.dumps(row, sort_keys=True, default=_json_default) + "\n").encode()
+        with open(self.path, "ab") as f:
+            _lock(f)
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self._remember(row)
+        return True
+
+
+# ---- the runner of one rank ---------------------------------------------------------------------------------
+class ShardedRunner(Runner):
+    """Runner of rank `rank` of `world_size`: runs its units, writes its rows to its rank file (see module doc)."""
+
+    def __init__(self, spec, out, rank: int, world_size: int, **kwargs):
+        super().__init__(spec, out, **kwargs)
+        self.rank, self.world_size = rank, world_size
+        self.out = Path(out)
+        self.merged = self.store  # --out, read for resuming; only rank 0 writes it, in merge()
+        self.rank_path = rank_file(out, rank)
+        self.store = RankStore(self.rank_path, set(), set())
+        self._owner = self._deal_units()
+        self._batch_log: List[Dict[str, Any]] = []
+        self._domain_list: List = []
+
+    # ---- who runs what ----
+    def _deal_units(self) -> Dict[Tuple[int, Optional[int]], int]:
+        """(job index, domain index or None for a whole stream) -> rank, round-robin in plan order."""
+        owner, unit = {}, 0
+        for j, job in enumerate(self.jobs):
+            if job.setting == "episodic":
+                continue
+            if job.setting == "reset_per_shift":
+                # the domain count is not known before the data is built; domain k of job j is unit (j, k)
+                owner[(j, "per_domain")] = unit
+                unit += 1
+            else:
+                owner[(j, None)] = unit % self.world_size
+                unit += 1
+        return owner
+
+    def _owns(self, j: int, job: Job, k: int) -> bool:
+        if job.setting == "reset_per_shift":
+            return (self._owner[(j, "per_domain")] + k) % self.world_size == self.rank
+        return self._owner[(j, None)] == self.rank
+
+    def exchange_keys(self) -> None:
+        """Every rank learns the full keys of --out (rank 0's) and the keys of every rank's file."""
+        import torch.distributed as dist
+        mine = (sorted(self.store.keys), sorted(self.store.shard_keys),
+                sorted(self.merged.keys) if self.rank == 0 else [])
+        gathered: List[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        for full, shards, merged in gathered:
+            self.store.known_full.update(full, merged)
+            self.store.known_shards.update(shards)
+            self.store.merged_keys.update(merged)
+
+    def _missing(self, job: Job, domains) -> List[bool]:
+        j = self.jobs.index(job)
+        out = []
+        for k, d in enumerate(domains):
+            key = row_key(self._row_base(job, d))
+            if key in self.store.known_full or key in self.merged or key in self.store.keys:
+                out.append(False)
+            elif job.setting == "episodic":
+                skey = shard_key(key, self.world_size, self.rank)
+                out.append(skey not in self.store.shard_keys and skey not in self.store.known_shards)
+            else:
+                out.append(self._owns(j, job, k))
+        return out
+
+    # ---- episodic shards ----
+    def _domain_batches(self, job: Job, domains, k: int) -> Iterator[StreamBatch]:
+        self._batch_log = []
+        if job.setting != "episodic":
+            yield from super()._domain_batches(job, domains, k)
+            return
+        d = domains[k]
+        order = domain_order(len(d.dataset), job.seed, self.spec.shuffle)
+        chunks = [order[i:i + job.batch_size] for i in range(0, len(order), job.batch_size)]
+        mine = list(range(self.rank, len(chunks), self.world_size))
+        if not mine:
+            return
+        from torch.utils.data import DataLoader, Subset
+        # Only the last chunk can be short, and it is last in `mine` too: batching the concatenation gives back
+        # exactly this rank's chunks.
+        loader = DataLoader(Subset(d.dataset, [i for b in mine for i in chunks[b]]), batch_size=job.batch_size,
+                            shuffle=False, num_workers=self.num_workers)
+        for b, (x, y) in zip(mine, loader):
+            labelled = int((y >= 0).sum()) if y.dim() == 1 else None
+            self._batch_log.append({"index": b, "n": len(x), "labelled": labelled, "seconds": 0.0})
+            yield StreamBatch(x, y, torch.full((len(x),), k, dtype=torch.long), True, b)
+
+    def _step(self, adapter, x):
+        out, seconds = super()._step(adapter, x)
+        if self._batch_log:
+            self._batch_log[-1]["seconds"] = round(seconds, 6)
+        return out, seconds
+
+    def _run_domains(self, job, adapter, domains, ks, task, bars) -> int:
+        self._domain_list = domains
+        return super()._run_domains(job, adapter, domains, ks, task, bars)
+
+    def _run_mixed(self, job, adapter, domains, task, bars) -> int:
+        self._domain_list = domains
+        return super()._run_mixed(job, adapter, domains, task, bars)
+
+    def _write(self, job, domain, meter, curve, batches, model_s, wall_s, task, guard_events=None) -> int:
+        k = next(i for i, d in enumerate(self._domain_list) if d is domain)
+        extra: Dict[str, Any] = {ORDER_FIELD: [self.jobs.index(job), k]}
+        if job.setting == "episodic":
+            correct = getattr(meter, "correct", None)
+            log, start = copy.deepcopy(self._batch_log), 0
+            for b in log:  # correct predictions per batch, for the merged running-accuracy curve
+                if isinstance(correct, list) and b["labelled"] is not None:
+                    b["correct"] = int(sum(correct[start:start + b["labelled"]]))
+                    start += b["labelled"]
+            extra[SHARD_FIELD] = {"rank": self.rank, "world_size": self.world_size, "meter": meter_state(meter),
+                                  "batches": log}
+        append = self.store.append
+        self.store.append = lambda row: append({**row, **extra})
+        try:
+            return super()._write(job, domain, meter, curve, batches, model_s, wall_s, task, guard_events)
+        finally:
+            self.store.append = append
+
+    # ---- merging (rank 0) ----
+    def merge(self, rows: List[Dict[str, Any]]) -> Dict[str, int]:
+        """Write to --out every full row and every complete set of shards that it lacks, in plan order."""
+        full: Dict[str, Dict[str, Any]] = {}
+        shards: Dict[Tuple[str, int], Dict[int, Dict[str, Any]]] = {}
+        for r in rows:
+            key = row_key(r)
+            if key in self.merged:
+                continue
+            shard = r.get(SHARD_FIELD)
+            if shard:
+                shards.setdefault((key, shard["world_size"]), {})[shard["rank"]] = r
+            else:
+                full.setdefault(key, r)
+        for (key, world), group in sorted(shards.items(), key=lambda kv: kv[0][1] != self.world_size):
+            if key in full or len(group) != world:
+                continue
+            full[key] = merge_shard_rows(list(group.values()))
+            full[key][ORDER_FIELD] = group[0][ORDER_FIELD] if 0 in group else None
+        incomplete = {key for key, _ in shards if key not in full}
+        if incomplete:
+            warnings.warn(f"{len(incomplete)} row(s) have shards missing and were not merged; rerun to finish them")
+        written = 0
+        for key, r in sorted(full.items(), key=lambda kv: kv[1].get(ORDER_FIELD) or [1 << 30, 0]):
+            r = {k: v for k, v in r.items() if k not in (ORDER_FIELD, SHARD_FIELD)}
+            written += int(self.merged.append(r))
+        return {"merged": written, "incomplete": len(incomplete)}
+
+
+def run_distributed(spec, out, **runner_kwargs) -> Dict[str, int]:
+    """Run this rank's share of `spec` and, on rank 0, merge every rank's rows into `out`. Returns this rank's
+    counts (rank 0's with `merged`)."""
+    import torch.distributed as dist
+    env = distributed_env()
+    init_process_group()
+    device = runner_kwargs.get("device")
+    if device in (None, "cuda") and torch.cuda.is_available():
+        runner_kwargs["device"] = f"cuda:{env.local_rank}"
+        torch.cuda.set_device(env.local_rank)
+    if env.rank != 0:
+        runner_kwargs["progress"] = False
+    runner = ShardedRunner(spec, out, env.rank, env.world_size, **runner_kwargs)
+    runner.exchange_keys()
+    summary = runner.run()
+    dist.barrier()
+    gathered: Optional[List[Any]] = [None] * env.world_size if env.rank == 0 else None
+    # only what --out lacks travels (a rank file keeps every row it ever wrote)
+    dist.gather_object([r for r in runner.store.rows() if row_key(r) not in runner.store.merged_keys], gathered,
+                       dst=0)
+    if env.rank == 0:
+        summary.update(runner.merge([r for rows in gathered for r in rows]))
+    dist.barrier()
+    dist.destroy_process_group()
+    summary.update({"rank": env.rank, "world_size": env.world_size})
+    return summary
