@@ -137,6 +137,7 @@ class Group:
         source = self.source_method()
         if source is None:
             return []
+        higher = dict(TASK_METRICS.get(self.task, [])).get(metric, True)
 
         def mean_over(method: str, corrupted: bool) -> Optional[float]:
             values = [r["metrics"].get(metric) for r in self.method_rows[method]
@@ -153,10 +154,12 @@ class Group:
                 if v is None or ref is None:
                     continue
                 delta = _scale(metric, v - ref)
-                verdict = "beats" if delta > 0.05 else "falls below" if delta < -0.05 else "ties with"
+                better = delta if higher else -delta
+                tie = 0.05 if metric in FRACTIONS else 5e-4  # half the last digit shown
+                verdict = "beats" if better > tie else "falls below" if better < -tie else "ties with"
                 parts.append(f"on {what} {_fmt(metric, v)} vs {_fmt(metric, ref)}: {verdict} {source} by "
                              f"{abs(delta):.1f} points" if metric in FRACTIONS else
-                             f"on {what} {v:.3f} vs {ref:.3f} ({verdict} {source})")
+                             f"on {what} {v:.3f} vs {ref:.3f}: {verdict} {source} by {abs(delta):.3f}")
             if parts:
                 lines.append(f"- **{m}** {metric}: " + "; ".join(parts) + ".")
         return lines
