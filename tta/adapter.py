@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import numbers
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -56,7 +56,8 @@ def make_config(config_cls, cfg=None, overrides: Optional[Dict[str, Any]] = None
     valid = [f.name for f in dataclasses.fields(config_cls)]
     unknown = sorted(set(values) - set(valid))
     if unknown:
-        raise TypeError(f"unknown config key(s) {unknown} for {config_cls.__qualname__}; valid keys: {', '.join(valid)}")
+        raise TypeError(f"unknown config key(s) {unknown} for {config_cls.__qualname__}; "
+                        f"valid keys: {', '.join(valid)}")
     check_field_types(config_cls, values, config_cls.__qualname__)
     return config_cls(**values)
 

@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra model arguments, e.g. num_classes=10")
     p.add_argument("--method", required=True, help="adapter name, or several separated by commas")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config, e.g. lr=1e-3 (every method) or memo.n_augmentations=16 (one method)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="method config, e.g. lr=1e-3 (every method) or memo.n_augmentations=16 (one method)")
     p.add_argument("--data", required=True, help="a folder of images (optionally one subfolder per class) "
                                                  "or a named set: foolbox:imagenet|cifar10|cifar100|mnist|fashionMNIST")
     p.add_argument("--corruption", help="apply an ImageNet-C corruption on the fly, e.g. gaussian_noise")

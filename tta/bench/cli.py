@@ -2,7 +2,6 @@
 `main(argv)` runs them alone (python -m tta.bench.cli ...)."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -88,15 +87,9 @@ def register(subparsers) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="tta", description="benchmarks, reports and comparisons")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"tta {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    """`python -m tta.bench.cli ...`: the same commands as `tta bench|report|compare`."""
+    from ..cli import main as tta_main
+    return tta_main(argv)
 
 
 if __name__ == "__main__":

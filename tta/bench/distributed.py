@@ -42,7 +42,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..data.streams import StreamBatch, domain_order
-from .results import ResultStore, _json_default, _lock, row_key
+from .results import ResultStore, append_row, row_key
 from .runner import Job, Runner
 
 SHARD_FIELD = "shard"          # in rank rows of episodic shards: {"rank", "world_size", "meter", "batches"}
@@ -215,12 +215,7 @@ class RankStore(ResultStore):
         key, is_shard = self.key_of(row)
         if key in (self.shard_keys if is_shard else self.keys):
             return False
-        line = (json.dumps(row, sort_keys=True, default=_json_default) + "\n").encode()
-        with open(self.path, "ab") as f:
-            _lock(f)
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_row(self.path, row)
         self._remember(row)
         return True
 

@@ -40,6 +40,17 @@ def _lock(f) -> None:
         pass
 
 
+def append_row(path, row: Dict[str, Any]) -> None:
+    """One whole line per row: a single write under an exclusive lock, flushed and fsynced, so a crash leaves at
+    most a partial last line and concurrent writers never interleave."""
+    line = (json.dumps(row, sort_keys=True, default=_json_default) + "\n").encode()
+    with open(path, "ab") as f:
+        _lock(f)
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_rows(path) -> List[Dict[str, Any]]:
     """Complete rows of a results file; a partial last line (a crash mid-write) is skipped with a warning."""
     path = Path(path)
@@ -93,12 +104,7 @@ class ResultStore:
         key = row_key(row)
         if key in self.keys:
             return False
-        line = (json.dumps(row, sort_keys=True, default=_json_default) + "\n").encode()
-        with open(self.path, "ab") as f:
-            _lock(f)
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_row(self.path, row)
         self.keys.add(key)
         return True
 

@@ -73,8 +73,8 @@ def create_backend(name_or_path: Union[str, os.PathLike, DiffusionBackend], kind
     """Load a diffusion judge through diffusers' from_pretrained.
 
     `name_or_path` is "<kind>:<hub id or folder>" (kind in list_backends()), "zoo:<judge>" (tta zoo list), or a
-    local folder whose kind is read from its files; keyword arguments go to the backend's from_pretrained (class_names, prompt,
-    torch_dtype, map_kind, map_range, ...). A DiffusionBackend object is returned as it is.
+    local folder whose kind is read from its files; keyword arguments go to the backend's from_pretrained
+    (class_names, prompt, torch_dtype, map_kind, map_range, ...). A DiffusionBackend object is returned as it is.
     """
     if isinstance(name_or_path, DiffusionBackend):
         return name_or_path.to(device) if device is not None else name_or_path

@@ -72,11 +72,13 @@ def torchvision_model(name: str, pretrained: bool = True, weights=None, num_clas
         categories = enum.meta.get("categories")
         local = find_offline_weights(enum.url.rsplit("/", 1)[-1])
         # An offline copy under the same file name is the same checkpoint; otherwise torchvision downloads it.
-        state = torch.load(local, map_location="cpu", weights_only=True) if local else enum.get_state_dict(progress=True)
+        state = (torch.load(local, map_location="cpu", weights_only=True) if local
+                 else enum.get_state_dict(progress=True))
         net.load_state_dict(state)
     out = _output_width(net)
     names = class_names or categories or default_class_names(out)
-    return ImageModel(net, IMAGENET_MEAN, IMAGENET_STD, names, (3, 224, 224), name=f"tv:{name}" + (f"@{tag}" if tag else ""))
+    return ImageModel(net, IMAGENET_MEAN, IMAGENET_STD, names, (3, 224, 224),
+                      name=f"tv:{name}" + (f"@{tag}" if tag else ""))
 
 
 def _output_width(net: nn.Module) -> Optional[int]:

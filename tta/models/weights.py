@@ -47,7 +47,8 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"cannot read {str(path)!r} as a PyTorch checkpoint ({err}); is the file complete?") from err
+            raise ValueError(f"cannot read {str(path)!r} as a PyTorch checkpoint ({err}); "
+                             "is the file complete?") from err
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
