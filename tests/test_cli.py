@@ -31,7 +31,8 @@ def test_run_on_a_folder_of_images(tmp_path, capsys):
     model = tta.create_model("timm:test_resnet", pretrained=False, num_classes=10)
     torch.save(model.net.state_dict(), tmp_path / "w.pth")
     code = main(["run", "--model", "timm:test_resnet", "--weights", str(tmp_path / "w.pth"),
-                 "--model-set", "num_classes=10", "--method", "tent,memo", "--set", "lr=1e-3", "--set", "memo.n_augmentations=2",
+                 "--model-set", "num_classes=10", "--method", "tent,memo", "--set", "lr=1e-3",
+                 "--set", "memo.n_augmentations=2",
                  "--data", str(tmp_path / "data"), "--corruption", "contrast", "--severity", "3",
                  "--batch-size", "8"])
     out = capsys.readouterr().out

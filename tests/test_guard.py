@@ -38,5 +38,3 @@ def test_nonfinite_loss_skips_the_update():
     assert adapter.optimize(torch.tensor(float("nan"), requires_grad=True)) is False
     assert adapter.guard_events == {"nonfinite_loss": 1}
     assert all(torch.equal(a, p) for a, (_, p) in zip(before, adapter.adapted))
-
-

@@ -1,9 +1,7 @@
 """No state leaks: after an episodic run every method leaves the classifier (and an adapted diffusion judge) bit
 for bit as it found it, and online adaptation never writes to the checkpoint files the weights came from."""
-import copy
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 import tta
 from tta.generative import create_backend
 
-from conftest import _tiny_judge_folder, model_and_config, tiny_model
+from conftest import _tiny_judge_folder, model_and_config
 
 
 def state(module):

@@ -56,7 +56,8 @@ def test_jensen_shannon_matches_its_definition():
     assert torch.allclose(jensen_shannon(a, a), torch.zeros(4), atol=1e-7)
 
 
-@pytest.mark.parametrize("build,distance,anchor,lr", [(classifier, "mse", "frozen", 1e-2), (classifier, "js", "ema", 1e-2),
+@pytest.mark.parametrize("build,distance,anchor,lr", [(classifier, "mse", "frozen", 1e-2),
+                                                      (classifier, "js", "ema", 1e-2),
                                                       (depth_model, "mse", "frozen", 1e-3)])
 def test_test_time_steps_reduce_the_idempotence_loss(images, build, distance, anchor, lr):
     model = build()

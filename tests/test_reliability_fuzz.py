@@ -9,7 +9,6 @@ input that is refused never changes the adapter's state.
 """
 import copy
 import dataclasses
-import os
 import re
 
 import pytest
