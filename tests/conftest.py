@@ -34,6 +34,15 @@ def tiny_model(num_classes=5, dense=False, sharpness=1.0, seed=0, task=None):
     return tta.wrap_model(net, class_names=[f"c{i}" for i in range(num_classes)], input_size=(3, 16, 16), task=task)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine extra threads cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def images():
     torch.manual_seed(1)

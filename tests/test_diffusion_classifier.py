@@ -16,13 +16,7 @@ from test_generative import save_dit_judge, save_pixel_judge, save_sd_judge
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine extra threads cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 class GaussianJudge(DiffusionBackend):

@@ -15,13 +15,7 @@ from tta.generative.sampling import subgrid_positions
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine extra threads cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 # ---- tiny judges -------------------------------------------------------------------------------------------------

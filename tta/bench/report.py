@@ -196,6 +196,15 @@ def _plt():
     return plt
 
 
+def _save(fig, ax, group: Group, path: Path) -> Path:
+    ax.set_title(group.title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return path
+
+
 def plot_domains(group: Group, metric: str, path: Path) -> Path:
     plt = _plt()
     import numpy as np
@@ -208,12 +217,7 @@ def plot_domains(group: Group, metric: str, path: Path) -> Path:
     ax.set_xticks(x)
     ax.set_xticklabels(group.domains, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel(metric + (" (%)" if metric in FRACTIONS else ""))
-    ax.set_title(group.title, fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, group, path)
 
 
 def plot_steps(group: Group, path: Path) -> Path:
@@ -236,12 +240,7 @@ def plot_steps(group: Group, path: Path) -> Path:
         ax.plot(xs, ys, marker=".", label=m)
     ax.set_xlabel("adaptation steps (batches x steps per batch)")
     ax.set_ylabel(f"running {metric}" + (" (%)" if metric in FRACTIONS else "") + ", mean over domains")
-    ax.set_title(group.title, fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, group, path)
 
 
 def plot_time(group: Group, path: Path) -> Path:

@@ -14,22 +14,21 @@ Two faces of one scorer (tta.generative.classifier.DiffusionClassifier):
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..adapter import AdapterConfig, make_config, register_adapter
+from ..adapter import AdapterConfig, register_adapter
 from ..generative.base import BACKENDS
 from ..generative.classifier import PRUNING_PRESETS, DiffusionClassifier, resolve_schedule
-from ..generative.loading import create_backend, match_backend_to_model, resolve_backend
+from ..generative.loading import create_backend
 from ..generative.sampling import LOSSES
 from ..models.sources import MODEL_SOURCES
 from ..models.wrapper import ImageModel
 from ..registry import unknown_name_message
-from .diffusion_tta import JudgedAdapter, _device_of, _split_backend_argument
+from .diffusion_tta import JudgedAdapter
 
 
 @dataclass
@@ -67,11 +66,7 @@ class DiffusionClassifierAdapter(JudgedAdapter):
     judge_prefix = "classifier."
 
     def __init__(self, model: nn.Module, cfg: Any = None, backend: Any = None, **overrides):
-        config, backend = _split_backend_argument(make_config(self.Config, cfg, overrides), backend)
-        judge = resolve_backend(backend, config.backend, "diffusion_classifier", device=_device_of(model))
-        if config.backend is None:
-            config = dataclasses.replace(config, backend=judge.source)
-        match_backend_to_model(model, judge, "diffusion_classifier")
+        config, judge = self.load_judge(model, cfg, backend, overrides)
         super().__init__(model, config)
         self.classifier = DiffusionClassifier(judge, **{k: getattr(config, k) for k in CLASSIFIER_OPTIONS})
         self._source_state = self._capture_state()

@@ -174,6 +174,19 @@ class JudgedAdapter(Adapter):
     def adapted_judge_prefixes(self) -> Tuple[str, ...]:
         return ()
 
+    @classmethod
+    def load_judge(cls, model: nn.Module, cfg: Any, backend: Any, overrides: Dict[str, Any]):
+        """(config, judge): the judge from a backend= object, a backend= string or the config's `backend` field,
+        checked against the model; the config records where the judge came from, so result rows say it."""
+        config = make_config(cls.Config, cfg, overrides)
+        if isinstance(backend, (str, os.PathLike)):  # a string is the config field; an object is used as it is
+            config, backend = dataclasses.replace(config, backend=os.fspath(backend)), None
+        judge = resolve_backend(backend, config.backend, cls.name, device=_device_of(model))
+        if config.backend is None:
+            config = dataclasses.replace(config, backend=judge.source)
+        match_backend_to_model(model, judge, cls.name)
+        return config, judge
+
     def _capture_state(self) -> Dict[str, Any]:
         keep = self.adapted_judge_prefixes()
         module_state = {k: v.detach().clone() for k, v in self.state_dict().items()
@@ -196,23 +209,12 @@ def _device_of(model: nn.Module) -> Optional[torch.device]:
     return p.device if p is not None else None
 
 
-def _split_backend_argument(config, backend):
-    """A string backend= is the config field (so result rows record it); an object is used as it is."""
-    if isinstance(backend, (str, os.PathLike)):
-        return dataclasses.replace(config, backend=os.fspath(backend)), None
-    return config, backend
-
-
 @register_adapter("diffusion_tta")
 class DiffusionTTA(JudgedAdapter):
     Config = DiffusionTTAConfig
 
     def __init__(self, model: nn.Module, cfg: Any = None, backend: Any = None, **overrides):
-        config, backend = _split_backend_argument(make_config(self.Config, cfg, overrides), backend)
-        judge = resolve_backend(backend, config.backend, "diffusion_tta", device=_device_of(model))
-        if config.backend is None:
-            config = dataclasses.replace(config, backend=judge.source)
-        match_backend_to_model(model, judge, "diffusion_tta")
+        config, judge = self.load_judge(model, cfg, backend, overrides)
         super().__init__(model, config)
         self.backend = judge.eval().requires_grad_(False)
         if config.adapt_backend:
