@@ -15,13 +15,13 @@ This keeps argmax(logits) equal to the pruning decision and reduces to the plain
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..registry import unknown_name_message
-from .base import DiffusionBackend, autocast_for
+from .base import DiffusionBackend, autocast_for, check_autocast
 from .sampling import LOSSES, sample_noise, subgrid_positions, timestep_grid
 
 # (keep, samples) per stage, from the authors' scripts.
@@ -93,7 +93,7 @@ class DiffusionClassifier(nn.Module):
 
     def __init__(self, backend: DiffusionBackend, preset: Optional[str] = None, keep: Optional[Sequence[int]] = None,
                  samples: Optional[Sequence[int]] = None, loss: str = "l2", temperature: float = 1.0,
-                 micro_batch: int = 32, n_trials: int = 1, seed: Optional[int] = None, autocast: bool = True):
+                 micro_batch: int = 32, n_trials: int = 1, seed: Optional[int] = None, autocast: Any = "auto"):
         super().__init__()
         if backend.conditioning not in ("class", "text"):
             raise ValueError(f"the Diffusion Classifier needs a class- or text-conditioned backend, got a "
@@ -112,7 +112,7 @@ class DiffusionClassifier(nn.Module):
         self.micro_batch = int(micro_batch)
         self.n_trials = int(n_trials)
         self.seed = seed
-        self.autocast = autocast
+        self.autocast = check_autocast(autocast)
 
     @property
     def class_names(self):

@@ -15,13 +15,13 @@ Two faces of one scorer (tta.generative.classifier.DiffusionClassifier):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..adapter import AdapterConfig, register_adapter
-from ..generative.base import BACKENDS
+from ..generative.base import BACKENDS, check_autocast
 from ..generative.classifier import PRUNING_PRESETS, DiffusionClassifier, resolve_schedule
 from ..generative.loading import create_backend
 from ..generative.sampling import LOSSES
@@ -43,7 +43,7 @@ class DiffusionClassifierConfig(AdapterConfig):
     micro_batch: int = 32                  # judge evaluations per forward pass
     n_trials: int = 1                      # noises per timestep
     seed: Optional[int] = None             # seed of the shared noise; None uses torch's global generator
-    autocast: bool = True                  # bf16 autocast on CUDA only
+    autocast: Union[bool, str] = "auto"    # judge precision: auto (bf16 on CUDA) | bf16 (also native-bf16 CPUs) | off
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,6 +54,7 @@ class DiffusionClassifierConfig(AdapterConfig):
         self.keep = tuple(self.keep) if self.keep is not None else None
         self.samples = tuple(self.samples) if self.samples is not None else None
         resolve_schedule(self.preset, self.keep, self.samples)
+        self.autocast = check_autocast(self.autocast)
 
 
 CLASSIFIER_OPTIONS = ("preset", "keep", "samples", "loss", "temperature", "micro_batch", "n_trials", "seed",

@@ -23,13 +23,14 @@ import copy
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..adapter import Adapter, AdapterConfig, make_config, register_adapter
-from ..generative.base import autocast_for, denoiser_prefix, named_denoiser_parameters
+from ..generative.base import autocast_for, check_autocast, denoiser_prefix, named_denoiser_parameters
+from ..generative.memory import micro_batch_from_memory
 from ..generative.loading import match_backend_to_model, model_task, resolve_backend
 from ..generative.sampling import LOSSES, NOISE_MODES, TIMESTEP_MODES, sample_pairs
 from ..params import enable_norm_affine
@@ -51,7 +52,7 @@ class DiffusionTTAConfig(AdapterConfig):
     momentum: float = 0.9
     backend: Optional[str] = None      # "<kind>:<hub id or folder>" or a folder, loaded with create_backend
     pairs: int = 180                   # (t, eps) pairs per optimizer step
-    micro_batch: int = 15              # pairs per accumulation micro-step (per image)
+    micro_batch: int = 15              # pairs per accumulation micro-step (per image); 0: sized from free memory
     timesteps: str = "uniform"         # uniform | stratified | grid
     noise: str = "independent"         # independent | shared (one eps for all pairs of a step)
     loss: str = "l2"                   # l2 | l1
@@ -62,7 +63,10 @@ class DiffusionTTAConfig(AdapterConfig):
     adapt_backend: bool = False        # also adapt the judge's denoiser (restored after every episode)
     backend_lr: Optional[float] = None  # the denoiser's learning rate (default: lr)
     seed: Optional[int] = None         # seed of the (t, eps) draws; None uses torch's global generator
-    autocast: bool = True              # bf16 autocast for the judge, on CUDA only
+    autocast: Union[bool, str] = "auto"  # judge precision: auto (bf16 on CUDA) | bf16 (also native-bf16 CPUs) | off
+    channels_last: bool = False        # the judge's convolutions in NHWC
+    compile: bool = False              # torch.compile the judge's denoiser
+    checkpointing: bool = False        # recompute the judge's activations in backward (less memory)
 
     def __post_init__(self):
         super().__post_init__()
@@ -70,8 +74,10 @@ class DiffusionTTAConfig(AdapterConfig):
                                    ("noise", self.noise, NOISE_MODES), ("loss", self.loss, LOSSES)):
             if value not in valid:
                 raise ValueError(unknown_name_message(name, value, valid))
-        if self.pairs < 1 or self.micro_batch < 1:
-            raise ValueError(f"pairs and micro_batch must be positive, got {self.pairs} and {self.micro_batch}")
+        if self.pairs < 1 or self.micro_batch < 0:
+            raise ValueError(f"pairs must be positive and micro_batch positive or 0 (sized from free memory), got "
+                             f"{self.pairs} and {self.micro_batch}")
+        self.autocast = check_autocast(self.autocast)
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be positive, got {self.lora_rank}")
 
@@ -217,6 +223,7 @@ class DiffusionTTA(JudgedAdapter):
         config, judge = self.load_judge(model, cfg, backend, overrides)
         super().__init__(model, config)
         self.backend = judge.eval().requires_grad_(False)
+        judge.use_fast_paths(config.channels_last, config.compile, config.checkpointing)
         if config.adapt_backend:
             named = [(f"backend.{n}", p) for n, p in named_denoiser_parameters(judge)]
             for _, p in named:
@@ -235,6 +242,8 @@ class DiffusionTTA(JudgedAdapter):
             self._generator = torch.Generator(device=device).manual_seed(config.seed)
         self._x0 = None
         self.last_loss: Optional[float] = None
+        self.micro_batch_used: Optional[int] = None  # the micro-batch of the last step (sized when micro_batch=0)
+        self._sized_for: Optional[Tuple[int, ...]] = None
         self._source_state = self._capture_state()  # now with the judge, when it adapts
 
     def adapted_judge_prefixes(self) -> Tuple[str, ...]:
@@ -294,19 +303,33 @@ class DiffusionTTA(JudgedAdapter):
         cond_leaf = cond.detach().requires_grad_(True)
         b, n = x0.shape[0], cfg.pairs
         t, noise = sample_pairs(x0, n, backend.num_train_timesteps, cfg.timesteps, cfg.noise, self._generator)
-        total = torch.zeros((), device=device)
-        for start in range(0, n, cfg.micro_batch):
-            m = min(cfg.micro_batch, n - start)
+
+        def judge_error(start: int, m: int) -> torch.Tensor:
             with autocast_for(device, cfg.autocast):
-                err = backend.denoising_error(x0.repeat_interleave(m, 0), cond_leaf.repeat_interleave(m, 0),
-                                              t[:, start:start + m].reshape(-1),
-                                              noise[:, start:start + m].reshape(b * m, *x0.shape[1:]), cfg.loss)
+                return backend.denoising_error(x0.repeat_interleave(m, 0), cond_leaf.repeat_interleave(m, 0),
+                                               t[:, start:start + m].reshape(-1),
+                                               noise[:, start:start + m].reshape(b * m, *x0.shape[1:]), cfg.loss)
+        micro = self.micro_batch_for(tuple(x0.shape), lambda m: judge_error(0, m))
+        total = torch.zeros((), device=device)
+        for start in range(0, n, micro):
+            err = judge_error(start, min(micro, n - start))
             (err.sum() / (b * n)).backward()
             total += err.detach().sum()
         if cond.requires_grad:
             cond.backward(cond_leaf.grad.to(cond.dtype))
         self.last_loss = float(total / (b * n))
         return outputs
+
+    def micro_batch_for(self, shape: Tuple[int, ...], run_pairs) -> int:
+        """The configured micro-batch, or with micro_batch=0 the one sized from free memory for this input shape
+        (measured once per shape, see tta.generative.memory)."""
+        if self.cfg.micro_batch:
+            self.micro_batch_used = self.cfg.micro_batch
+        elif self._sized_for != shape:
+            device = self.backend.alphas_cumprod.device
+            self.micro_batch_used = micro_batch_from_memory(run_pairs, self.cfg.pairs, device)
+            self._sized_for = shape
+        return self.micro_batch_used
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         outputs = self.compute_gradients(x, self._x0)

@@ -1,0 +1,125 @@
+"""Diffusion-TTA's speed and memory options give the loss and gradients of the plain path: micro-batches sized from
+free memory, gradient checkpointing and channels_last exactly (up to float rounding), bf16 autocast on CPUs with
+native bf16 approximately; and the memory measurement they rely on counts what autograd keeps."""
+import pytest
+import torch
+from torch import nn
+
+import tta
+from tta.generative import memory
+from tta.generative.loading import create_backend
+from tta.generative.base import autocast_for, check_autocast, cpu_has_native_bf16
+
+from test_generative import save_pixel_judge
+
+pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+STEP = {"seed": 0, "pairs": 12, "micro_batch": 5}
+
+
+@pytest.fixture(scope="module")
+def judge(tmp_path_factory):
+    return create_backend(save_pixel_judge(tmp_path_factory.mktemp("judge") / "judge", num_classes=5, size=16,
+                                           channels=3))
+
+
+def tiny_classifier():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, 5))
+
+
+def step_gradients(judge, **options):
+    """(loss, {name: gradient}, adapter) of one Diffusion-TTA step on fixed images and (t, eps) draws."""
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, **{**STEP, **options})
+    adapter.compute_gradients(x)
+    return adapter.last_loss, {n: p.grad.clone() for n, p in adapter.model.named_parameters()}, adapter
+
+
+def assert_same_step(reference, other, rtol):
+    (loss_a, grads_a, _), (loss_b, grads_b, _) = reference, other
+    assert loss_b == pytest.approx(loss_a, rel=rtol)
+    assert any(g.abs().sum() > 0 for g in grads_a.values())
+    for name, g in grads_a.items():
+        assert torch.allclose(grads_b[name], g, rtol=rtol * 10, atol=1e-7 + rtol * g.abs().max()), name
+
+
+def test_micro_batch_from_free_memory_gives_the_same_step(judge):
+    reference = step_gradients(judge)
+    sized = step_gradients(judge, micro_batch=0)
+    assert 1 <= sized[2].micro_batch_used <= STEP["pairs"]
+    assert_same_step(reference, sized, rtol=1e-5)
+
+
+def test_micro_batch_shrinks_with_free_memory(judge, monkeypatch):
+    _, _, adapter = step_gradients(judge, micro_batch=0)
+    assert adapter.micro_batch_used == STEP["pairs"]  # a tiny judge: every pair fits in this machine's memory
+    x = torch.rand(2, 3, 16, 16)
+    for free, expected in ((None, 12), (0, 1)):  # unreadable free memory: the paper's 15, capped at the pairs
+        monkeypatch.setattr(memory, "free_memory_bytes", lambda device, free=free: free)
+        adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, **{**STEP, "micro_batch": 0})
+        adapter.compute_gradients(x)
+        assert adapter.micro_batch_used == expected
+    # Room for about 3 pairs by the module's own accounting gives a micro-batch of 3.
+    cond = torch.zeros(1, judge.unet.class_embedding.weight.shape[1], requires_grad=True)
+
+    def run(m):
+        return judge.denoising_error(torch.zeros(m, 3, 16, 16), cond.expand(m, -1), torch.zeros(m, dtype=torch.long),
+                                     torch.zeros(m, 3, 16, 16))
+    one, two = memory.saved_tensor_bytes(lambda: run(1)), memory.saved_tensor_bytes(lambda: run(2))
+    per_pair, fixed = two - one, 2 * one - two
+    free = int((fixed + 3.5 * memory.BACKWARD_FACTOR * per_pair) / memory.FREE_MEMORY_SHARE)
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: free)
+    assert memory.micro_batch_from_memory(run, 12, torch.device("cpu")) == 3
+
+
+def test_saved_tensor_bytes_counts_what_autograd_keeps():
+    a = torch.rand(100, requires_grad=True)
+    b = torch.rand(100, requires_grad=True)
+    assert memory.saved_tensor_bytes(lambda: a * b) == 2 * 100 * 4  # mul saves both factors
+    assert memory.saved_tensor_bytes(lambda: a + b) == 0  # add saves nothing
+    assert memory.saved_tensor_bytes(lambda: (a * b) * a) == 3 * 100 * 4  # a once, b, and the product
+    assert memory.free_memory_bytes(torch.device("cpu")) > 0
+
+
+def test_gradient_checkpointing_and_channels_last_give_the_same_step(judge):
+    reference = step_gradients(judge)
+    try:
+        assert_same_step(reference, step_gradients(judge, checkpointing=True), rtol=1e-5)
+        assert judge.unet.is_gradient_checkpointing
+        assert_same_step(reference, step_gradients(judge, channels_last=True), rtol=1e-5)
+        assert judge.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    finally:  # the judge fixture is shared: undo the in-place options
+        judge.unet.disable_gradient_checkpointing()
+        judge.unet.to(memory_format=torch.contiguous_format)
+
+
+def test_checkpointing_needs_a_denoiser_that_supports_it(judge, monkeypatch):
+    monkeypatch.setattr(type(judge.unet), "_supports_gradient_checkpointing", False)
+    with pytest.raises(ValueError, match="does not support gradient checkpointing"):
+        tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, checkpointing=True)
+
+
+def test_autocast_modes():
+    assert check_autocast(True) == "auto" and check_autocast(False) == "off" and check_autocast("bf16") == "bf16"
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        check_autocast("fp16")
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        tta.create_adapter("diffusion_tta", tiny_classifier(), backend=None, autocast="half")
+    cpu = torch.device("cpu")
+    for mode in ("auto", "off", True, False):  # float32 on the CPU unless bf16 is asked for
+        with autocast_for(cpu, mode):
+            assert not torch.is_autocast_enabled("cpu")
+    with autocast_for(cpu, "bf16"):
+        assert torch.is_autocast_enabled("cpu") == cpu_has_native_bf16()
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16: autocast='bf16' stays float32")
+def test_cpu_bf16_is_close_to_float32(judge):
+    reference, fast = step_gradients(judge), step_gradients(judge, autocast="bf16", micro_batch=0)
+    assert fast[0] != reference[0]  # it did run in bf16
+    assert fast[0] == pytest.approx(reference[0], rel=2e-2)
+    for name, g in reference[1].items():
+        cosine = torch.nn.functional.cosine_similarity(g.flatten(), fast[1][name].flatten(), dim=0)
+        assert cosine > 0.95, name

@@ -1,0 +1,73 @@
+"""Micro-batches sized from free memory, for the judge's forward and backward passes.
+
+Diffusion-TTA back-propagates through the judge for every (t, eps) pair of a step. The paper's fixed micro-batch
+of 15 pairs wastes a large GPU and still runs out of memory on a 24 GB card with a large judge. Here the memory
+one pair costs is measured, not guessed: autograd's saved-tensor hooks report every tensor kept for the backward
+pass while the judge runs on 1 and on 2 pairs; the difference is the cost of one pair (what does not grow with
+the batch, such as saved weights, cancels). The micro-batch is then as many pairs as fit in a fraction of the
+memory that is free now.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+# Backward needs about as much again as the saved activations (gradients of the activations, temporaries), and
+# the rest of the process keeps allocating: use at most this share of the free memory, counting saved bytes twice.
+FREE_MEMORY_SHARE = 0.5
+BACKWARD_FACTOR = 2.0
+
+
+def saved_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while fn() runs (fn's graph is then dropped)."""
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+        return t
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def free_memory_bytes(device: torch.device) -> Optional[int]:
+    """Memory free for new tensors on `device`: CUDA's free memory plus what torch's cache holds unused; on the
+    CPU, the kernel's MemAvailable (Linux) or the available physical pages. None when it cannot be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def micro_batch_from_memory(run_pairs: Callable[[int], object], pairs: int, device: torch.device,
+                            fallback: int = 15) -> int:
+    """The largest micro-batch (pairs per judge pass, at most `pairs`) whose backward fits in the free memory.
+
+    run_pairs(m) runs the judge on m pairs with autograd recording (as the real step does: same precision,
+    same condition); it is called with m = 1 and m = 2. Returns `fallback` when free memory cannot be read.
+    """
+    free = free_memory_bytes(device)
+    if pairs <= 1:
+        return 1
+    if free is None:
+        return min(fallback, pairs)
+    one, two = saved_tensor_bytes(lambda: run_pairs(1)), saved_tensor_bytes(lambda: run_pairs(2))
+    per_pair = max(two - one, 1)
+    fixed = max(one - per_pair, 0)
+    budget = FREE_MEMORY_SHARE * free - fixed
+    return int(max(1, min(pairs, budget // (BACKWARD_FACTOR * per_pair))))
