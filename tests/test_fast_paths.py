@@ -123,3 +123,35 @@ def test_cpu_bf16_is_close_to_float32(judge):
     for name, g in reference[1].items():
         cosine = torch.nn.functional.cosine_similarity(g.flatten(), fast[1][name].flatten(), dim=0)
         assert cosine > 0.95, name
+
+
+def test_per_example_batch_equals_separate_runs_of_one_image(judge, monkeypatch):
+    """Three images adapted at once on their own parameter copies = three episodic runs of batch 1, on the same
+    (t, eps) draws (a fake sample_pairs hands every run its images' rows of fixed per-step draws)."""
+    import tta.methods.diffusion_tta as dtta
+    steps, pairs, x = 2, 6, torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(4)
+    draws = [(torch.randint(0, 1000, (3, pairs), generator=gen), torch.randn(3, pairs, 3, 16, 16, generator=gen))
+             for _ in range(steps)]
+    state = {"step": 0, "rows": slice(0, 3)}
+
+    def fake_pairs(x0, n, *args):
+        t, eps = draws[state["step"]]
+        state["step"] += 1
+        return t[state["rows"]], eps[state["rows"]]
+    monkeypatch.setattr(dtta, "sample_pairs", fake_pairs)
+    options = {"steps": steps, "pairs": pairs, "micro_batch": 4, "lr": 0.5}  # a large lr: predictions move
+    model = tiny_classifier()
+    source = {k: v.clone() for k, v in model.state_dict().items()}
+    together = tta.create_adapter("diffusion_tta", model, backend=judge, per_example=True, **options)(x)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in source.items())  # the model never changed
+    alone = []
+    for i in range(3):
+        state.update(step=0, rows=slice(i, i + 1))
+        alone.append(tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, **options)(x[i:i + 1]))
+    with torch.no_grad():
+        unadapted = model(x)
+    assert torch.allclose(together, torch.cat(alone), atol=1e-5)
+    assert not torch.allclose(together, unadapted, atol=1e-3)
+    with pytest.raises(ValueError, match="per_example"):
+        tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, per_example=True, episodic=False)

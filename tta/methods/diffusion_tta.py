@@ -16,6 +16,12 @@ Gradient accumulation without repeated classifier passes: the classifier runs on
 gradient is accumulated on a detached copy of the condition over the micro-batches, and one backward pass
 carries it into the classifier. By the chain rule this is the same gradient as the paper's, which re-runs the
 classifier in every micro-step.
+
+Speed and memory (all off by default, so the paper's structure and float32 numbers are what runs unless asked):
+micro_batch=0 sizes micro-batches from free memory (tta.generative.memory); autocast="bf16" also runs the judge
+in bf16 on CPUs with native bf16 (CUDA always uses bf16 unless autocast="off"); channels_last, compile and
+checkpointing act on the judge's denoiser (DiffusionBackend.use_fast_paths); per_example=True adapts every image
+of a batch on its own parameter copy at once (torch.func), the same as one episodic run per image.
 """
 from __future__ import annotations
 
@@ -63,6 +69,7 @@ class DiffusionTTAConfig(AdapterConfig):
     adapt_backend: bool = False        # also adapt the judge's denoiser (restored after every episode)
     backend_lr: Optional[float] = None  # the denoiser's learning rate (default: lr)
     seed: Optional[int] = None         # seed of the (t, eps) draws; None uses torch's global generator
+    per_example: bool = False          # episodic: every image of a batch adapts its own copy, all at once
     autocast: Union[bool, str] = "auto"  # judge precision: auto (bf16 on CUDA) | bf16 (also native-bf16 CPUs) | off
     channels_last: bool = False        # the judge's convolutions in NHWC
     compile: bool = False              # torch.compile the judge's denoiser
@@ -80,6 +87,9 @@ class DiffusionTTAConfig(AdapterConfig):
         self.autocast = check_autocast(self.autocast)
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be positive, got {self.lora_rank}")
+        if self.per_example and (not self.episodic or self.adapt == "lora" or self.adapt_backend):
+            raise ValueError("per_example adapts a copy of the model per image and drops it after the call: it needs "
+                             "episodic=True, adapt='all', 'norm' or 'last', and adapt_backend=False")
 
 
 # ---- LoRA: low-rank updates of attention q/v projections, applied without changing the model --------------
@@ -288,14 +298,17 @@ class DiffusionTTA(JudgedAdapter):
                              f"class scores the {self.backend.kind} judge is conditioned on")
         return outputs.softmax(1)
 
-    def compute_gradients(self, x: torch.Tensor, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def compute_gradients(self, x: torch.Tensor, x0: Optional[torch.Tensor] = None,
+                          predict=None) -> torch.Tensor:
         """Accumulate the gradient of one step's loss (mean over images and `pairs` (t, eps) pairs) into the
-        adapted parameters without applying it; returns the model's outputs."""
+        adapted parameters without applying it; returns the model's outputs. With `predict` (per-example copies
+        of the parameters, see adapt_per_example) the loss is the sum over images of each image's mean, so every
+        copy gets the gradient it would get alone."""
         backend, cfg = self.backend, self.cfg
         device = backend.alphas_cumprod.device
         if x0 is None:
             x0 = backend.encode(x.to(device))
-        outputs = self.predict(x)
+        outputs = (predict or self.predict)(x)
         with autocast_for(device, cfg.autocast):
             cond = backend.condition(self.condition_weights(outputs).to(device))
         # The judge's gradient is gathered on a detached condition, micro-batch by micro-batch, then carried into
@@ -311,9 +324,10 @@ class DiffusionTTA(JudgedAdapter):
                                                noise[:, start:start + m].reshape(b * m, *x0.shape[1:]), cfg.loss)
         micro = self.micro_batch_for(tuple(x0.shape), lambda m: judge_error(0, m))
         total = torch.zeros((), device=device)
+        images = 1 if predict is not None else b
         for start in range(0, n, micro):
             err = judge_error(start, min(micro, n - start))
-            (err.sum() / (b * n)).backward()
+            (err.sum() / (images * n)).backward()
             total += err.detach().sum()
         if cond.requires_grad:
             cond.backward(cond_leaf.grad.to(cond.dtype))
@@ -341,6 +355,8 @@ class DiffusionTTA(JudgedAdapter):
         if self.cfg.steps == 0:
             with torch.no_grad():
                 return self.predict(x)
+        if self.cfg.per_example and x.shape[0] > 1:
+            return self.adapt_per_example(x)
         with torch.no_grad():
             self._x0 = self.backend.encode(x.to(self.backend.alphas_cumprod.device))  # once per image
         try:
@@ -351,3 +367,38 @@ class DiffusionTTA(JudgedAdapter):
             self._x0 = None
         with torch.no_grad():  # the prediction of the adapted model, as in the paper
             return self.predict(x)
+
+    def adapt_per_example(self, x: torch.Tensor) -> torch.Tensor:
+        """Episodic adaptation of every image of the batch on its own copy of the adapted parameters, in one pass.
+
+        The copies are stacked along a new first dimension and the model runs once per copy through torch.func
+        (vmap over functional_call); the judge sees all images' pairs together. Each image's loss depends only on
+        its own copy, and SGD and Adam update element by element, so this is B independent episodic runs of batch
+        1 done at once (same result, fewer and larger judge calls). The model's own parameters never change."""
+        from torch.func import functional_call, vmap
+        b = x.shape[0]
+        named = dict(self.model.named_parameters())
+        adapted = [n for n, p in named.items() if p.requires_grad]
+        copies = {n: named[n].detach().unsqueeze(0).repeat(b, *([1] * named[n].dim())).requires_grad_(True)
+                  for n in adapted}
+        fixed = {**{n: p.detach() for n, p in named.items() if n not in copies}, **dict(self.model.named_buffers())}
+        optimizer = self.build_optimizer(list(copies.values()))
+
+        def one(params, image):
+            return functional_call(self.model, {**fixed, **params}, (image.unsqueeze(0),)).squeeze(0)
+
+        def predict(images):
+            try:
+                return vmap(one)(copies, images)
+            except RuntimeError as e:  # vmap cannot batch every operation (in-place updates, data-dependent code)
+                raise RuntimeError(f"per_example=True could not run this model under torch.func.vmap ({e}); "
+                                   "use per_example=False and batches of one image") from e
+        with torch.no_grad():
+            x0 = self.backend.encode(x.to(self.backend.alphas_cumprod.device))
+        with torch.enable_grad():
+            for _ in range(self.cfg.steps):
+                self.compute_gradients(x, x0, predict=predict)
+                optimizer.step()
+                optimizer.zero_grad()
+        with torch.no_grad():
+            return predict(x)
