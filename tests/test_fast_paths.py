@@ -155,3 +155,8 @@ def test_per_example_batch_equals_separate_runs_of_one_image(judge, monkeypatch)
     assert not torch.allclose(together, unadapted, atol=1e-3)
     with pytest.raises(ValueError, match="per_example"):
         tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, per_example=True, episodic=False)
+    # A wrapped model (input checks, normalisation) runs per example too, and gives what its network gives.
+    wrapped = tta.wrap_model(tiny_classifier(), (0.0,) * 3, (1.0,) * 3, input_size=(3, 16, 16))
+    state.update(step=0, rows=slice(0, 3))
+    out = tta.create_adapter("diffusion_tta", wrapped, backend=judge, per_example=True, **options)(x)
+    assert torch.allclose(out, together, atol=1e-5)

@@ -36,9 +36,10 @@ from torch import nn
 
 from ..adapter import Adapter, AdapterConfig, make_config, register_adapter
 from ..generative.base import autocast_for, check_autocast, denoiser_prefix, named_denoiser_parameters
-from ..generative.memory import micro_batch_from_memory
 from ..generative.loading import match_backend_to_model, model_task, resolve_backend
+from ..generative.memory import micro_batch_from_memory
 from ..generative.sampling import LOSSES, NOISE_MODES, TIMESTEP_MODES, sample_pairs
+from ..models.wrapper import ImageModel
 from ..params import enable_norm_affine
 from ..registry import unknown_name_message
 
@@ -383,9 +384,11 @@ class DiffusionTTA(JudgedAdapter):
                   for n in adapted}
         fixed = {**{n: p.detach() for n, p in named.items() if n not in copies}, **dict(self.model.named_buffers())}
         optimizer = self.build_optimizer(list(copies.values()))
+        # The adapter checked the whole batch; ImageModel's own checks branch on values, which vmap cannot do.
+        unchecked = {"check": False} if isinstance(self.model, ImageModel) else {}
 
         def one(params, image):
-            return functional_call(self.model, {**fixed, **params}, (image.unsqueeze(0),)).squeeze(0)
+            return functional_call(self.model, {**fixed, **params}, (image.unsqueeze(0),), unchecked).squeeze(0)
 
         def predict(images):
             try:

@@ -65,8 +65,11 @@ class ImageModel(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_images(x, self.input_size[0])
+    def forward(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """[0, 1] images -> the network's output. check=False skips the input checks, for callers that checked
+        the batch already and run under torch.func.vmap (which cannot branch on tensor values)."""
+        if check:
+            check_images(x, self.input_size[0])
         dtype = next((p.dtype for p in self.net.parameters() if p.is_floating_point()), None)
         if dtype is not None and x.dtype != dtype:  # float64 / float16 images for a float32 network, and so on
             x = x.to(dtype)
