@@ -9,7 +9,7 @@ from torch import nn
 
 import tta
 import tta.methods.slow_inference  # noqa: F401  (registers "slow_inference" until the package imports it)
-from tta.methods.slow_inference import ReconstructionModel, reconstruction_loss
+from tta.methods.slow_inference import ReconstructionModel, SlowInference, SlowInferenceConfig, reconstruction_loss
 from tta.nets import SlotAttention, SlotAttentionAutoEncoder
 from tta.segmentation_metrics import adjusted_rand_index, foreground_ari
 
@@ -120,6 +120,76 @@ def test_early_stopping_ends_on_a_plateau():
     assert len(adapter.loss_history) == 4
     with pytest.raises(ValueError, match="patience"):
         tta.create_adapter("slow_inference", model, patience=-1)
+
+
+class RecordingSlowInference(SlowInference):
+    """Keeps a copy of the adapted parameters before every update, to check which ones restore_best loads."""
+
+    def forward_and_adapt(self, x):
+        self.before.append([p.detach().clone() for _, p in self.adapted])
+        return super().forward_and_adapt(x)
+
+    def adapt_and_predict(self, x):
+        self.before = []
+        return super().adapt_and_predict(x)
+
+
+def test_restore_best_loads_the_weights_of_the_lowest_loss():
+    x = scenes(1)
+    # lr 3e-2 is far too large for Adam here: the loss drops, spikes, reaches its lowest at step 4, then climbs.
+    plain = tta.create_adapter("slow_inference", slot_model(), steps=6, lr=3e-2, episodic=False)
+    plain_out = plain(x)
+    model = slot_model()
+    adapter = RecordingSlowInference(model, steps=6, lr=3e-2, episodic=False, restore_best=True)
+    out = adapter(x)
+    history = adapter.loss_history
+    assert history == plain.loss_history, "restore_best must not change the trajectory"
+    losses = history + [adapter.final_loss]
+    assert adapter.best_step == int(np.argmin(losses))
+    assert 0 < adapter.best_step < len(history) and losses[-1] > min(losses), "the case needs the loss to rise"
+    # The weights loaded are those *before* the update at best_step (whose loss loss_history[best_step] is).
+    assert all(torch.equal(p, b) for (_, p), b in zip(adapter.adapted, adapter.before[adapter.best_step]))
+    with torch.no_grad():
+        assert reconstruction_loss(model, x).item() == pytest.approx(history[adapter.best_step], rel=1e-6)
+        assert torch.equal(out, model.predict(x))
+    assert not torch.allclose(out, plain_out), "the last weights predict differently"
+
+
+def test_restore_best_keeps_the_last_weights_when_they_are_best():
+    x = scenes(1)
+    plain_model, model = slot_model(), slot_model()
+    plain = tta.create_adapter("slow_inference", plain_model, steps=1, lr=3e-3, episodic=False)
+    adapter = tta.create_adapter("slow_inference", model, steps=1, lr=3e-3, episodic=False, restore_best=True)
+    assert torch.equal(adapter(x), plain(x))
+    # One step lowers the loss, so the weights after it (never in loss_history) must win over the source's.
+    assert adapter.best_step == 1 and adapter.final_loss < adapter.loss_history[0]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain_model.parameters()))
+    # With the loss flat (lr 0), the earliest of equal losses wins: the source weights.
+    adapter = tta.create_adapter("slow_inference", slot_model(), steps=3, lr=0.0, episodic=False, restore_best=True)
+    adapter(x)
+    assert adapter.best_step == 0
+
+
+def test_restore_best_reset_is_bit_exact():
+    model = slot_model()
+    source = copy.deepcopy(model.state_dict())
+    x = scenes(2)
+    adapter = tta.create_adapter("slow_inference", model, steps=4, lr=3e-2, restore_best=True)
+    out = adapter(x)
+    assert adapter.best_step < len(adapter.loss_history), "the case must load a snapshot before the reset"
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())
+    assert not adapter.optimizer.state
+    assert set(adapter.state_dict()) == {"model." + k for k in source}, "the snapshot is no module state"
+    assert torch.equal(adapter(x[1:]), out[1:]), "a scene's result does not depend on the scene before it"
+
+
+def test_restore_best_config():
+    assert SlowInferenceConfig().restore_best is False, "off by default: existing configs keep their meaning"
+    assert tta.create_adapter("slow_inference", slot_model(), restore_best=True).cfg.restore_best is True
+    with pytest.raises(ValueError, match="restore_best"):
+        tta.create_adapter("slow_inference", slot_model(), restore_best="true")
+    with pytest.raises(ValueError, match="restore_best"):
+        SlowInferenceConfig(restore_best=1)
 
 
 def test_generic_model_with_the_default_loss():

@@ -7,14 +7,16 @@ synthesis model) is adapted on each test scene by gradient descent on its recons
 task output (for slot models: the segmentation read from the slot masks) is read from the adapted model. The
 source weights are restored before the next scene.
 Defaults: the authors' code, Adam lr 5e-4, up to 150 steps, all parameters, reset after every scene, plus early
-stopping on the reconstruction loss (off when patience is 0).
+stopping on the reconstruction loss (off when patience is 0). With `restore_best` the prediction is read from the
+weights of the lowest reconstruction loss seen on the scene rather than from the last step's (off by default, so
+existing configs and ttt_mae, whose random masks make the loss too noisy to select on, keep their meaning).
 
 Any model works that implements `ReconstructionModel`; `tta.nets.SlotAttentionAutoEncoder` is the reference.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Protocol, Tuple, runtime_checkable
+from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,7 @@ class SlowInferenceConfig(AdapterConfig):
     per_example: bool = True     # adapt on each scene of a batch on its own (the paper's setting)
     patience: int = 0            # stop after this many steps without a min_delta improvement; 0 = never stop early
     min_delta: float = 0.0       # improvement of the reconstruction loss that resets the patience counter
+    restore_best: bool = False   # predict with the weights of the lowest reconstruction loss seen, not the last ones
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,6 +71,8 @@ class SlowInferenceConfig(AdapterConfig):
                              f"got {self.patience!r}")
         if self.min_delta < 0:
             raise ValueError(f"min_delta must be non-negative, got {self.min_delta}")
+        if not isinstance(self.restore_best, bool):
+            raise ValueError(f"restore_best must be true or false, got {self.restore_best!r}")
 
 
 @register_adapter("slow_inference")
@@ -75,7 +80,9 @@ class SlowInference(Adapter):
     """Adapts all parameters on the reconstruction loss of each scene, then returns `model.predict(x)`.
 
     After a call, `loss_history` holds the per-step reconstruction losses of the last scene adapted (the loss
-    before each update), for inspection.
+    before each update), for inspection. With `restore_best`, `final_loss` is the loss of the weights after the last
+    update (evaluated once more, so that they compete too) and `best_step` says whose weights predicted: an index
+    into `loss_history` (the weights before that step's update), or len(loss_history) for the final weights.
     """
     Config = SlowInferenceConfig
 
@@ -87,6 +94,10 @@ class SlowInference(Adapter):
                 "reconstruction_loss(x, reconstruction, extras) -> (B,)), or use tta.nets.SlotAttentionAutoEncoder")
         super().__init__(model, cfg, **overrides)
         self.loss_history: List[float] = []
+        self.final_loss: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self._best_loss = float("inf")
+        self._best_params: List[torch.Tensor] = []  # reused across scenes: one copy of the adapted parameters
 
     def configure_model(self):
         super().configure_model()
@@ -106,12 +117,29 @@ class SlowInference(Adapter):
     def forward_and_adapt(self, x):
         loss = self.adaptation_loss(x)
         loss.backward()
+        if self.cfg.restore_best:
+            # The loss belongs to the weights before this update: keep those, not the ones the step makes.
+            self._keep_if_best(float(loss.detach()), step=len(self.loss_history))
         self.optimizer.step()
         self.optimizer.zero_grad()
         return loss.detach()
 
+    @torch.no_grad()
+    def _keep_if_best(self, loss: float, step: int) -> None:
+        if not loss < self._best_loss:  # strict, and False for NaN: the earliest of equal losses wins
+            return
+        params = [p for _, p in self.adapted]
+        if len(self._best_params) != len(params) or any(
+                b.shape != p.shape or b.device != p.device or b.dtype != p.dtype
+                for b, p in zip(self._best_params, params)):
+            self._best_params = [torch.empty_like(p) for p in params]
+        for b, p in zip(self._best_params, params):
+            b.copy_(p)
+        self._best_loss, self.best_step = loss, step
+
     def adapt_and_predict(self, x):
-        self.loss_history = []
+        self.loss_history, self.final_loss, self.best_step = [], None, None
+        self._best_loss = float("inf")
         if self.cfg.steps > 0:
             with torch.enable_grad():  # adapt even when called under torch.no_grad()
                 best, waited = float("inf"), 0
@@ -124,5 +152,18 @@ class SlowInference(Adapter):
                         waited += 1
                     if self.cfg.patience and waited >= self.cfg.patience:
                         break
+            if self.cfg.restore_best:
+                self._restore_best(x)
         with torch.no_grad():
             return self.model.predict(x)
+
+    @torch.no_grad()
+    def _restore_best(self, x: torch.Tensor) -> None:
+        """Load the weights of the lowest loss seen; the last update's weights compete through one more loss."""
+        self.final_loss = float(self.adaptation_loss(x))
+        if self.final_loss < self._best_loss or self.best_step is None:
+            self._best_loss, self.best_step = self.final_loss, len(self.loss_history)
+            return
+        for b, (_, p) in zip(self._best_params, self.adapted):
+            p.copy_(b)
+        # The optimizer's moments stay those of the last step; only online use (episodic off) carries them on.
