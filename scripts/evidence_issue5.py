@@ -13,8 +13,6 @@ kept, so the parts can run one at a time):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import math
 import re
 import sys
@@ -70,23 +68,6 @@ def sign_test(better: int, worse: int) -> float:
     return min(1.0, 2 * tail)
 
 
-@contextlib.contextmanager
-def seeded_library_draws(seed: int):
-    """imagecorruptions draws impulse_noise and glass_blur from a fresh, unseeded generator (their `seed=` argument),
-    so `corrupt_images(..., seed=)` does not make them reproducible; within this block each image gets its own seed
-    (seed, seed + 1, ...), so the figures come out the same on every run."""
-    import imagecorruptions
-    table = imagecorruptions.corruption_dict
-    originals = {name: table[name] for name in ("impulse_noise", "glass_blur")}
-    counter = itertools.count(seed)
-    for name, fn in originals.items():
-        table[name] = lambda img, severity=1, _fn=fn: _fn(img, severity, seed=next(counter))
-    try:
-        yield
-    finally:
-        table.update(originals)
-
-
 def random_sign_step(model, x: torch.Tensor, lr: float, seed: int = 0):
     """Control with no test-time signal: every parameter moved by +-lr at random, per image (Adam's first step
     moves every parameter with a non-zero gradient by about +-lr, so this is a step of the same size)."""
@@ -116,8 +97,7 @@ def part_it3(args) -> str:
 
     x_te, y_te = load_fashion_mnist("test")
     x, y = x_te[: args.n_test], y_te[: args.n_test]
-    with seeded_library_draws(0):
-        domains = {"clean": x, **{f"{c}-5": corrupt_images(x, c, 5, seed=0) for c in IT3_DOMAINS}}
+    domains = {"clean": x, **{f"{c}-5": corrupt_images(x, c, 5, seed=0) for c in IT3_DOMAINS}}
 
     def batched(**config):
         def run(xd):
@@ -179,8 +159,8 @@ Model: the shipped zoo model `zoo:fmnist-it3` (`tta.zoo.fmnist.load_it3_classifi
 {n_params} parameters, y's embedding added after the first pooling, trained with `it3_training_loss`), loaded with
 `tta.create_model("zoo:fmnist-it3")` and put in eval mode; nothing is trained here.
 Test: the first {args.n_test} Fashion-MNIST test images, clean and under five ImageNet-C corruptions at severity 5
-(`tta.data.corruptions.corrupt_images(x, name, 5, seed=0)`; impulse noise gets a seed per image from this script,
-since the library draws it unseeded). The paper's setting is per test input: Adam, 1 to 10
+(`tta.data.corruptions.corrupt_images(x, name, 5, seed=0)`, which seeds every corruption, impulse noise included).
+The paper's setting is per test input: Adam, 1 to 10
 steps, a frozen copy of the source model as anchor, the model reset after every input (`episodic`, batch 1).
 "Episodic batches of 64" takes one step on the batch's mean loss and then resets; "online" never resets within a
 domain (each domain is its own stream of 16 batches, starting from the source model).

@@ -197,3 +197,26 @@ def test_corruption_cache_writes_imagenet_c_layout_and_rereads(tmp_path):
     assert [label for _, label in imagenet_c_items(tmp_path, "gaussian_noise", 3)] == sorted(l for _, l in items)
     with pytest.raises(ValueError, match="was made for"):
         CorruptedDataset(base, "fog", 3, seed=1, cache_dir=tmp_path, source="foolbox:cifar10", input_size=(3, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["impulse_noise", "glass_blur"])
+def test_corruptions_drawn_outside_numpys_global_generator_are_seeded(name):
+    """imagecorruptions draws these two from a generator of their own: corrupt_images must seed it per image."""
+    from tta.data.corruptions import corrupt_images
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    a, b, c = (corrupt_images(x, name, 3, seed=s) for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a[0], a[1])
+
+
+def test_version_1_corruption_cache_drops_only_the_unseeded_corruptions(tmp_path):
+    from tta.data.corruption_cache import CACHE_VERSION, MANIFEST, check_manifest
+    old = {"source": "foolbox:cifar10", "input_size": [3, 32, 32], "seed": 0, "format": "png"}  # no version: 1
+    (tmp_path / MANIFEST).write_text(json.dumps(old))
+    for name in ("impulse_noise", "glass_blur", "gaussian_noise"):
+        _jpeg(tmp_path / name / "3" / "0" / "0000000.png")
+    check_manifest(tmp_path, "foolbox:cifar10", (3, 32, 32), 0)
+    assert not (tmp_path / "impulse_noise").exists() and not (tmp_path / "glass_blur").exists()
+    assert (tmp_path / "gaussian_noise" / "3" / "0" / "0000000.png").is_file()
+    assert json.loads((tmp_path / MANIFEST).read_text()) == {**old, "version": CACHE_VERSION}
+    with pytest.raises(ValueError, match="was made for"):  # other differences are still refused
+        check_manifest(tmp_path, "foolbox:cifar10", (3, 32, 32), 1)

@@ -38,3 +38,17 @@ def test_nonfinite_loss_skips_the_update():
     assert adapter.optimize(torch.tensor(float("nan"), requires_grad=True)) is False
     assert adapter.guard_events == {"nonfinite_loss": 1}
     assert all(torch.equal(a, p) for a, (_, p) in zip(before, adapter.adapted))
+
+
+@pytest.mark.parametrize("name", ["it3", "slow_inference", "ttt_mae", "diffusion_tta"])
+def test_nonfinite_gradients_skip_the_update_in_methods_with_their_own_loop(name):
+    """Methods that run their own step loop go through the guard too: a NaN gradient never reaches the weights."""
+    from conftest import model_and_config
+    model, config, batch = model_and_config(name, episodic=False, steps=1)
+    adapter = tta.create_adapter(name, model, **config)
+    before = {n: p.detach().clone() for n, p in adapter.adapted}
+    for _, p in adapter.adapted:
+        p.register_hook(lambda g: torch.full_like(g, float("nan")))
+    adapter(batch[:1])
+    assert adapter.guard_events.get("nonfinite_grad", 0) >= 1
+    assert all(torch.equal(before[n], p) for n, p in adapter.adapted)

@@ -96,3 +96,13 @@ def test_import_tta_needs_only_torch():
             "'torchvision') if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_created_models_come_in_eval_mode():
+    """Calling a freshly created model must not update its batch-norm statistics (train mode would)."""
+    model = tta.create_model("zoo:fmnist-cnn")
+    assert not any(m.training for m in model.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model(torch.rand(8, 1, 28, 28))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

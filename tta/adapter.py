@@ -229,6 +229,11 @@ class Adapter(nn.Module):
             self._count("nonfinite_loss")
             return False
         loss.backward()
+        return self.step_guarded()
+
+    def step_guarded(self) -> bool:
+        """The optimizer step on gradients already accumulated, then zero_grad; with the guard on, a non-finite
+        gradient skips the update. For methods that accumulate gradients themselves before stepping."""
         if self.cfg.guard and any(p.grad is not None and not torch.isfinite(p.grad).all() for _, p in self.adapted):
             self.optimizer.zero_grad()
             self._count("nonfinite_grad")

@@ -19,29 +19,44 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .corruptions import check_corruption, corrupt_images
+from .corruptions import SEEDED_BY_ARGUMENT, check_corruption, corrupt_images
 from .images import load_image
 from .subsample import labels_of
 
 MANIFEST = "manifest.json"
+# Version 2: impulse_noise and glass_blur are seeded (before, they differed on every run). A version-1 cache is
+# upgraded by deleting those two corruptions' images, which are then recomputed.
+CACHE_VERSION = 2
 
 
 def check_manifest(cache_dir, source: str, input_size, seed: int) -> Path:
     """Create the cache folder's manifest, or check that an existing one describes the same images."""
     cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    wanted = {"source": source, "input_size": list(input_size), "seed": int(seed), "format": "png"}
+    wanted = {"source": source, "input_size": list(input_size), "seed": int(seed), "format": "png",
+              "version": CACHE_VERSION}
     path = cache_dir / MANIFEST
     if path.is_file():
         found = json.loads(path.read_text())
+        version = found.get("version", 1)
+        if {**found, "version": version} == {**wanted, "version": version} and version < CACHE_VERSION:
+            import shutil
+            for name in SEEDED_BY_ARGUMENT:  # unseeded in version 1: recompute them
+                shutil.rmtree(cache_dir / name, ignore_errors=True)
+            found = wanted
+            _write_json(path, wanted)
         if found != wanted:
             raise ValueError(f"corruption cache {str(cache_dir)!r} was made for {found}, not {wanted}; use another "
                              "cache folder (data.cache) or delete this one")
     else:
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(wanted, indent=1))
-        os.replace(tmp, path)
+        _write_json(path, wanted)
     return cache_dir
+
+
+def _write_json(path: Path, content) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(content, indent=1))
+    os.replace(tmp, path)
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:

@@ -2,7 +2,7 @@
 `imagecorruptions-imaug` library: the 15 standard corruptions plus 4 extra, severities 1 to 5."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ STANDARD = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gl
             "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression")
 EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 MIN_SIZE = 32  # the smallest side imagecorruptions accepts
+# These two draw from a fresh generator seeded by their `seed` argument, not from numpy's global one, so they are
+# only reproducible when given a seed (corrupt_images gives each image one).
+SEEDED_BY_ARGUMENT = ("impulse_noise", "glass_blur")
 
 
 def corruption_names(which: str = "standard") -> List[str]:
@@ -30,8 +33,9 @@ def check_corruption(name: str, severity: int) -> None:
         raise ValueError(f"severity must be an integer from 1 to 5, got {severity!r}")
 
 
-def corrupt_array(image: np.ndarray, name: str, severity: int) -> np.ndarray:
-    """One uint8 (H, W, 3) or (H, W) image -> corrupted uint8 image of the same shape."""
+def corrupt_array(image: np.ndarray, name: str, severity: int, seed: Optional[int] = None) -> np.ndarray:
+    """One uint8 (H, W, 3) or (H, W) image -> corrupted uint8 image of the same shape. `seed` seeds the corruptions
+    that do not draw from numpy's global generator (SEEDED_BY_ARGUMENT); the others ignore it."""
     from imagecorruptions import corrupt
     check_corruption(name, severity)
     grey = image.ndim == 2
@@ -41,7 +45,8 @@ def corrupt_array(image: np.ndarray, name: str, severity: int) -> np.ndarray:
     top, left = max(0, (MIN_SIZE - h + 1) // 2), max(0, (MIN_SIZE - w + 1) // 2)
     if top or left:
         rgb = np.pad(rgb, ((top, max(0, MIN_SIZE - h - top)), (left, max(0, MIN_SIZE - w - left)), (0, 0)), mode="edge")
-    out = np.asarray(corrupt(rgb, severity=severity, corruption_name=name))
+    extra = {"seed": seed} if name in SEEDED_BY_ARGUMENT else {}
+    out = np.asarray(corrupt(rgb, severity=severity, corruption_name=name, **extra))
     out = np.clip(out, 0, 255).astype(np.uint8)[top: top + h, left: left + w]
     return out.mean(axis=2).round().astype(np.uint8) if grey else out
 
@@ -56,7 +61,9 @@ def corrupt_images(images: torch.Tensor, name: str, severity: int, seed: int = 0
         for img in images.detach().cpu():
             arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             arr = arr[..., 0] if arr.shape[2] == 1 else arr
-            res = torch.from_numpy(corrupt_array(arr, name, severity))
+            # Drawn only for the corruptions that take a seed, so the others' global-generator draws are unchanged.
+            own_seed = int(np.random.randint(2 ** 31)) if name in SEEDED_BY_ARGUMENT else None
+            res = torch.from_numpy(corrupt_array(arr, name, severity, own_seed))
             res = res[None] if res.dim() == 2 else res.permute(2, 0, 1)
             out.append(res.float() / 255)
     finally:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -348,8 +349,11 @@ class DiffusionTTA(JudgedAdapter):
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         outputs = self.compute_gradients(x, self._x0)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        if self.cfg.guard and not math.isfinite(self.last_loss):  # the guard: skip the update
+            self.optimizer.zero_grad()
+            self._count("nonfinite_loss")
+        else:
+            self.step_guarded()
         return outputs
 
     def adapt_and_predict(self, x: torch.Tensor) -> torch.Tensor:

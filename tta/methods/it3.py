@@ -94,9 +94,7 @@ class IT3(Adapter):
 
     def forward_and_adapt(self, x):
         loss, outputs = idempotence_loss(self.model, self.anchor, x, self.cfg.distance)
-        loss.mean().backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        self.optimize(loss.mean())  # guarded: a non-finite loss or gradient skips the update
         if self.cfg.anchor == "ema":
             ema_update(self.anchor, self.model, self.cfg.ema_momentum)
         return outputs

@@ -116,12 +116,10 @@ class SlowInference(Adapter):
 
     def forward_and_adapt(self, x):
         loss = self.adaptation_loss(x)
-        loss.backward()
         if self.cfg.restore_best:
             # The loss belongs to the weights before this update: keep those, not the ones the step makes.
             self._keep_if_best(float(loss.detach()), step=len(self.loss_history))
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        self.optimize(loss)  # guarded: a non-finite loss or gradient skips the update
         return loss.detach()
 
     @torch.no_grad()

@@ -159,12 +159,13 @@ def smp_model(name: str, pretrained: bool = True, weights=None, num_classes: Opt
 
 
 def create_model(spec: str, pretrained: bool = True, weights=None, **kwargs) -> ImageModel:
-    """Build a wrapped model from `<source>:<name>`; `weights` is a local checkpoint file used instead of the hub."""
+    """Build a wrapped model from `<source>:<name>`; `weights` is a local checkpoint file used instead of the hub.
+    The model comes in eval mode, as a pretrained model is used: calling it never updates batch-norm statistics."""
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"model names look like <source>:<name> with source in {MODEL_SOURCES.names()}, "
                          f"e.g. timm:resnet50, tv:mobilenet_v2, clip:ViT-B-32@openai, smp:Unet/resnet34; got {spec!r}")
     source, _, name = spec.partition(":")
-    return MODEL_SOURCES.get(source)(name, pretrained=pretrained, weights=weights, **kwargs)
+    return MODEL_SOURCES.get(source)(name, pretrained=pretrained, weights=weights, **kwargs).eval()
 
 
 def list_models(pattern: str = "*") -> List[str]:
