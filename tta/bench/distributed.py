@@ -23,10 +23,10 @@ its rows to rank 0 (gather over gloo, so nodes need no shared file system), whic
 the keys of their files at start), and shard rows of the same world size.
 
 Exactness: with a deterministic method the merged rows equal a single-process run's (tests/test_distributed.py).
-A method that draws from torch's global generator without its own seed (MEMO's augmentations, CoTTA, a
-Diffusion-TTA without `seed`) sees other random draws when its batches are spread over ranks, as it would in any
-other order of the same stream. Timing fields of merged episodic rows: `seconds` is the slowest shard's wall
-time, `seconds_model` the sum over shards (total compute).
+Random methods too in episodic streams: the runner seeds torch's global generator per episode from (seed, domain,
+batch), so MEMO's augmentations or a Diffusion-TTA without `seed` draw the same on any rank. Timing fields of
+merged episodic rows: `seconds` is the slowest shard's wall time, `seconds_model` the sum over shards (total
+compute).
 """
 from __future__ import annotations
 

@@ -219,6 +219,11 @@ class Runner:
             for batch in self._domain_batches(job, domains, k):
                 if batch.reset and job.setting != "episodic":  # episodic adapters reset themselves after each call
                     adapter.reset()
+                if job.setting == "episodic":
+                    # An episode's random draws (augmented views, (t, eps) pairs) then depend only on the run's
+                    # seed, the domain and the batch, not on which batches ran before: a torchrun shard or a
+                    # resumed run gives the rows of one uninterrupted process.
+                    torch.manual_seed(episode_seed(job.seed, k, batch.index))
                 out, seconds = self._step(adapter, batch.x)
                 meter.update(out, batch.y)
                 model_s += seconds
@@ -275,6 +280,11 @@ class Runner:
             **self.provenance,
         })
         return int(self.store.append(row))
+
+
+def episode_seed(seed: int, domain: int, batch: int) -> int:
+    """The torch seed of one episodic batch (a fixed mix of the three, so neighbours do not share draws)."""
+    return (seed * 1_000_003 + domain * 10_007 + batch * 101 + 1) % (2 ** 63)
 
 
 def _limited(domains: List[Domain], limit: Optional[int]) -> List[Domain]:
