@@ -72,6 +72,16 @@ def test_micro_batch_shrinks_with_free_memory(judge, monkeypatch):
     free = int((fixed + 3.5 * memory.BACKWARD_FACTOR * per_pair) / memory.FREE_MEMORY_SHARE)
     monkeypatch.setattr(memory, "free_memory_bytes", lambda device: free)
     assert memory.micro_batch_from_memory(run, 12, torch.device("cpu")) == 3
+    # A budget below the free memory caps the micro-batch; the adapter takes it in GB (memory_gb).
+    budget = free * memory.FREE_MEMORY_SHARE
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 100 * free)
+    assert memory.micro_batch_from_memory(run, 12, torch.device("cpu"), budget_bytes=budget) == 3
+    adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge,
+                                 **{**STEP, "micro_batch": 0, "memory_gb": 1e-9})
+    adapter.compute_gradients(x)
+    assert adapter.micro_batch_used == 1
+    with pytest.raises(ValueError, match="memory_gb must be positive"):
+        tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, memory_gb=0.0)
 
 
 def test_saved_tensor_bytes_counts_what_autograd_keeps():
@@ -160,3 +170,20 @@ def test_per_example_batch_equals_separate_runs_of_one_image(judge, monkeypatch)
     state.update(step=0, rows=slice(0, 3))
     out = tta.create_adapter("diffusion_tta", wrapped, backend=judge, per_example=True, **options)(x)
     assert torch.allclose(out, together, atol=1e-5)
+
+
+def test_checkpointing_a_dit_judge_keeps_the_soft_labels(tmp_path):
+    """DiT's label tables sit inside its checkpointed blocks: the blocks' re-run during backward must embed the
+    same soft labels (the bug: hooks that had already been removed, so the re-run saw other tensors and failed)."""
+    from test_generative import save_dit_judge
+    dit = create_backend(save_dit_judge(tmp_path / "dit", num_classes=5))
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    steps = []
+    for checkpointing in (False, True):
+        adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=dit, checkpointing=checkpointing,
+                                     **STEP)
+        adapter.compute_gradients(x)
+        steps.append((adapter.last_loss, {n: p.grad.clone() for n, p in adapter.model.named_parameters()}, adapter))
+    assert dit.transformer.is_gradient_checkpointing
+    assert_same_step(*steps, rtol=1e-5)
+    dit.transformer.disable_gradient_checkpointing()

@@ -163,6 +163,34 @@ def prepare_images(images: torch.Tensor, size: Sequence[int], channels: int) -> 
     return images * 2 - 1
 
 
+class LabelOverrides:
+    """Soft labels for label-embedding modules that sit inside a network's blocks (DiT's per-block tables).
+
+    `replaced_outputs` hooks only while its block runs; a block under gradient checkpointing re-runs its forward
+    during backward, after such hooks are gone, and would then embed the plain labels. Here the hooks stay on the
+    modules, and a call registers what to return for one labels tensor (`register(labels, output)`): the
+    checkpointed re-run passes that very tensor again, so it finds the same soft embedding. An entry lives as long
+    as its labels tensor; modules called with other labels behave as usual.
+    """
+
+    def __init__(self, modules: Iterable[nn.Module]):
+        self._outputs: Dict[int, Tuple[Any, Callable[[nn.Module], torch.Tensor]]] = {}
+        self._handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def register(self, labels: torch.Tensor, output: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+        import weakref
+        key = id(labels)
+        self._outputs[key] = (weakref.ref(labels), output)
+        weakref.finalize(labels, self._outputs.pop, key, None)
+        return labels
+
+    def _hook(self, module: nn.Module, args, out):
+        entry = self._outputs.get(id(args[0])) if args else None
+        if entry is not None and entry[0]() is args[0]:
+            return entry[1](module)
+        return None
+
+
 @contextlib.contextmanager
 def replaced_outputs(modules: Iterable[nn.Module], output: Callable[[nn.Module], torch.Tensor]) -> Iterator[None]:
     """Within the block, each module's forward returns output(module) instead of its own result.

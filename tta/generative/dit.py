@@ -15,8 +15,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .base import (DiffusionBackend, is_local, load_component, load_scheduler, prepare_images, read_metadata,
-                   register_backend, replaced_outputs)
+from .base import (DiffusionBackend, LabelOverrides, is_local, load_component, load_scheduler, prepare_images,
+                   read_metadata, register_backend)
 
 LAYOUT = "transformer/ (DiTTransformer2DModel) + vae/ (AutoencoderKL) + scheduler/ [+ model_index.json]"
 
@@ -97,9 +97,11 @@ class DiTBackend(DiffusionBackend):
         def soft_embedding(table):
             weight = table.embedding_table.weight[:table.num_classes]  # the last row is the null class of CFG
             return cond.to(weight.dtype) @ weight
-        dummy = torch.zeros(x_t.shape[0], dtype=torch.long, device=x_t.device)
-        with replaced_outputs(self.label_tables(), soft_embedding):
-            out = self.transformer(x_t, timestep=t, class_labels=dummy).sample
+        if getattr(self, "_soft_labels", None) is None:  # hooks kept on the tables: see LabelOverrides
+            self._soft_labels = LabelOverrides(self.label_tables())
+        dummy = self._soft_labels.register(torch.zeros(x_t.shape[0], dtype=torch.long, device=x_t.device),
+                                           soft_embedding)
+        out = self.transformer(x_t, timestep=t, class_labels=dummy).sample
         if out.shape[1] == 2 * x_t.shape[1]:  # learned variance: the first half is the noise prediction
             out = out[:, :x_t.shape[1]]
         return self.to_epsilon(out, x_t, t)

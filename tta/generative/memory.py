@@ -55,19 +55,21 @@ def free_memory_bytes(device: torch.device) -> Optional[int]:
 
 
 def micro_batch_from_memory(run_pairs: Callable[[int], object], pairs: int, device: torch.device,
-                            fallback: int = 15) -> int:
-    """The largest micro-batch (pairs per judge pass, at most `pairs`) whose backward fits in the free memory.
+                            fallback: int = 15, budget_bytes: Optional[float] = None) -> int:
+    """The largest micro-batch (pairs per judge pass, at most `pairs`) whose backward fits in the free memory,
+    or in `budget_bytes` when that is smaller (a cap for a card shared with other work, or a peak target).
 
     run_pairs(m) runs the judge on m pairs with autograd recording (as the real step does: same precision,
-    same condition); it is called with m = 1 and m = 2. Returns `fallback` when free memory cannot be read.
+    same condition); it is called with m = 1 and m = 2. Returns `fallback` when neither is known.
     """
-    free = free_memory_bytes(device)
     if pairs <= 1:
         return 1
-    if free is None:
+    free = free_memory_bytes(device)
+    limits = [b for b in (FREE_MEMORY_SHARE * free if free is not None else None, budget_bytes) if b is not None]
+    if not limits:
         return min(fallback, pairs)
     one, two = saved_tensor_bytes(lambda: run_pairs(1)), saved_tensor_bytes(lambda: run_pairs(2))
     per_pair = max(two - one, 1)
     fixed = max(one - per_pair, 0)
-    budget = FREE_MEMORY_SHARE * free - fixed
+    budget = min(limits) - fixed
     return int(max(1, min(pairs, budget // (BACKWARD_FACTOR * per_pair))))

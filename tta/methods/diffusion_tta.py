@@ -61,6 +61,7 @@ class DiffusionTTAConfig(AdapterConfig):
     backend: Optional[str] = None      # "<kind>:<hub id or folder>" or a folder, loaded with create_backend
     pairs: int = 180                   # (t, eps) pairs per optimizer step
     micro_batch: int = 15              # pairs per accumulation micro-step (per image); 0: sized from free memory
+    memory_gb: Optional[float] = None  # micro_batch=0: at most this much for the judge's activations
     timesteps: str = "uniform"         # uniform | stratified | grid
     noise: str = "independent"         # independent | shared (one eps for all pairs of a step)
     loss: str = "l2"                   # l2 | l1
@@ -87,6 +88,8 @@ class DiffusionTTAConfig(AdapterConfig):
             raise ValueError(f"pairs must be positive and micro_batch positive or 0 (sized from free memory), got "
                              f"{self.pairs} and {self.micro_batch}")
         self.autocast = check_autocast(self.autocast)
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise ValueError(f"memory_gb must be positive (or null: half the free memory), got {self.memory_gb}")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be positive, got {self.lora_rank}")
         if self.per_example and (not self.episodic or self.adapt == "lora" or self.adapt_backend):
@@ -343,7 +346,8 @@ class DiffusionTTA(JudgedAdapter):
             self.micro_batch_used = self.cfg.micro_batch
         elif self._sized_for != shape:
             device = self.backend.alphas_cumprod.device
-            self.micro_batch_used = micro_batch_from_memory(run_pairs, self.cfg.pairs, device)
+            budget = self.cfg.memory_gb * 2 ** 30 if self.cfg.memory_gb is not None else None
+            self.micro_batch_used = micro_batch_from_memory(run_pairs, self.cfg.pairs, device, budget_bytes=budget)
             self._sized_for = shape
         return self.micro_batch_used
 
