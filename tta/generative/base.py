@@ -230,8 +230,9 @@ def check_autocast(mode: Any) -> str:
 
 def autocast_for(device: torch.device, mode: Any = "auto"):
     """The judge's precision. "auto": bf16 autocast on CUDA, float32 on the CPU, so CPU results are the same on
-    every machine; "bf16": also bf16 on CPUs with native bf16 (about 1.75x faster on the zoo judge, losses within
-    about 1e-3 relative; CPUs without it stay float32, where bf16 would be slower); "off": float32 everywhere."""
+    every machine; "bf16": also bf16 on CPUs with native bf16 (about 1.7x faster on the zoo judge, step losses
+    3e-3 to 7e-3 relative from float32 in results/perf.md; CPUs without it stay float32, where bf16 would be
+    slower); "off": float32 everywhere."""
     mode = check_autocast(mode)
     if mode != "off" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
