@@ -6,28 +6,24 @@ import torch
 
 import tta
 import tta.zoo.scenes  # noqa: F401  (registers the scene members, also before tta.zoo imports them)
-from tta.data.scenes import CLASS_NAMES, compose_scenes, test_scenes
+from tta.data import scenes as scene_data
+from tta.data.scenes import CLASS_NAMES, compose_scenes
 from tta.segmentation_metrics import adjusted_rand_index
 from tta.zoo import checkpoint_path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def test_composer_is_deterministic_for_a_seed():
-    a, b, c = test_scenes(16, seed=3), test_scenes(16, seed=3), test_scenes(16, seed=4)
+    a, b, c = scene_data.test_scenes(16, seed=3), scene_data.test_scenes(16, seed=3), scene_data.test_scenes(16, seed=4)
     for name in ("images", "masks", "instances", "item_classes"):
         assert torch.equal(getattr(a, name), getattr(b, name))
     assert not torch.equal(a.images, c.images)
 
 
 def test_masks_match_the_pasted_items():
-    s = test_scenes(64, seed=0)
+    s = scene_data.test_scenes(64, seed=0)
     assert s.images.shape == (64, 1, 24, 24) and s.masks.shape == s.instances.shape == (64, 24, 24)
     assert s.masks.dtype == torch.long and 0 <= s.images.min() and s.images.max() <= 1
     fg = s.masks > 0
@@ -58,7 +54,7 @@ def test_zoo_checkpoints_are_shipped(name):
 
 
 def test_zoo_members_load_and_run():
-    x = test_scenes(2, seed=0).images
+    x = scene_data.test_scenes(2, seed=0).images
     seg = tta.create_model("zoo:scenes-seg").eval()
     assert seg.task == "segmentation" and seg.class_names == list(CLASS_NAMES) and seg.input_size == (1, 24, 24)
     assert seg(x).shape == (2, len(CLASS_NAMES), 24, 24)
