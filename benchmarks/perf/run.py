@@ -238,38 +238,28 @@ def worker_breakdown(a: Dict[str, Any]) -> Dict[str, Any]:
         with torch.enable_grad():
             model(x).sum().backward()
 
-    def judge(mb, autocast="off"):
+    def judge(mb, autocast="off", backward=True):
+        """One step's judge passes over all pairs in micro-batches of mb: forward and backward to the condition,
+        or forward only."""
         from tta.generative.base import autocast_for
-        cond = backend.condition(model(x).softmax(1)).detach().requires_grad_(True)
+        cond = backend.condition(model(x).softmax(1)).detach().requires_grad_(backward)
         t = torch.randint(0, backend.num_train_timesteps, (a["pairs"],))
         eps = torch.randn(a["pairs"], *x0.shape[1:])
 
         def run():
-            with torch.enable_grad():
+            with torch.set_grad_enabled(backward):
                 for s in range(0, a["pairs"], mb):
                     m = min(mb, a["pairs"] - s)
                     with autocast_for(x0.device, autocast):
                         err = backend.denoising_error(x0.expand(m, *x0.shape[1:]), cond.expand(m, -1), t[s:s + m],
                                                       eps[s:s + m])
-                    err.sum().backward()
-        return run
-
-    def judge_forward(mb):
-        cond = backend.condition(model(x).softmax(1)).detach()
-        t = torch.randint(0, backend.num_train_timesteps, (a["pairs"],))
-        eps = torch.randn(a["pairs"], *x0.shape[1:])
-
-        def run():
-            with torch.no_grad():
-                for s in range(0, a["pairs"], mb):
-                    m = min(mb, a["pairs"] - s)
-                    backend.denoising_error(x0.expand(m, *x0.shape[1:]), cond.expand(m, -1), t[s:s + m],
-                                            eps[s:s + m])
+                    if backward:
+                        err.sum().backward()
         return run
     out = {"classifier_fwd_bwd": timed(classifier), "encode": timed(lambda: backend.encode(x))}
     for mb in a["micro_batches"]:
         out[f"judge_fwd_bwd_mb{mb}"] = timed(judge(mb))
-        out[f"judge_fwd_mb{mb}"] = timed(judge_forward(mb))
+        out[f"judge_fwd_mb{mb}"] = timed(judge(mb, backward=False))
     big = max(a["micro_batches"])
     out["judge_fwd_bwd_bf16"] = timed(judge(big, "bf16"))
     # The other fast paths, each on its own and in place on the judge, so last: NHWC, then compiled.

@@ -12,6 +12,7 @@ only torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -209,9 +210,10 @@ def replaced_outputs(modules: Iterable[nn.Module], output: Callable[[nn.Module],
 AUTOCAST_MODES = ("auto", "bf16", "off")
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 autocast makes the judge faster
-    rather than slower. Asks oneDNN; False when torch cannot tell."""
+    rather than slower. Asks oneDNN once (autocast_for runs per micro-batch); False when torch cannot tell."""
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
