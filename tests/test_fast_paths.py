@@ -135,14 +135,14 @@ def test_cpu_bf16_is_close_to_float32(judge):
         assert cosine > 0.95, name
 
 
-def test_per_example_batch_equals_separate_runs_of_one_image(judge, monkeypatch):
-    """Three images adapted at once on their own parameter copies = three episodic runs of batch 1, on the same
-    (t, eps) draws (a fake sample_pairs hands every run its images' rows of fixed per-step draws)."""
+@pytest.fixture
+def fixed_draws(monkeypatch):
+    """Fixed per-step (t, eps) draws for 3 images, 2 steps, 6 pairs: set state["rows"] to the images a run adapts
+    and state["step"] to 0 before it, and every run gets its images' rows of the same draws."""
     import tta.methods.diffusion_tta as dtta
-    steps, pairs, x = 2, 6, torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(4)
-    draws = [(torch.randint(0, 1000, (3, pairs), generator=gen), torch.randn(3, pairs, 3, 16, 16, generator=gen))
-             for _ in range(steps)]
+    draws = [(torch.randint(0, 1000, (3, 6), generator=gen), torch.randn(3, 6, 3, 16, 16, generator=gen))
+             for _ in range(2)]
     state = {"step": 0, "rows": slice(0, 3)}
 
     def fake_pairs(x0, n, *args):
@@ -150,6 +150,14 @@ def test_per_example_batch_equals_separate_runs_of_one_image(judge, monkeypatch)
         state["step"] += 1
         return t[state["rows"]], eps[state["rows"]]
     monkeypatch.setattr(dtta, "sample_pairs", fake_pairs)
+    return state
+
+
+def test_per_example_batch_equals_separate_runs_of_one_image(judge, fixed_draws):
+    """Three images adapted at once on their own parameter copies = three episodic runs of batch 1, on the same
+    (t, eps) draws (a fake sample_pairs hands every run its images' rows of fixed per-step draws)."""
+    state, steps, pairs = fixed_draws, 2, 6
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     options = {"steps": steps, "pairs": pairs, "micro_batch": 4, "lr": 0.5}  # a large lr: predictions move
     model = tiny_classifier()
     source = {k: v.clone() for k, v in model.state_dict().items()}
@@ -170,6 +178,55 @@ def test_per_example_batch_equals_separate_runs_of_one_image(judge, monkeypatch)
     state.update(step=0, rows=slice(0, 3))
     out = tta.create_adapter("diffusion_tta", wrapped, backend=judge, per_example=True, **options)(x)
     assert torch.allclose(out, together, atol=1e-5)
+
+
+class GatedClassifier(nn.Module):
+    """tiny_classifier plus sqrt(c + relu(mean(x) - 0.5)) on every logit, c starting at 0: an image darker than 0.5
+    on average puts sqrt's infinite slope at 0 into c's gradient, so its updates are non-finite; a brighter image
+    adapts normally."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.c = tiny_classifier(), nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.body(x) + torch.sqrt(self.c + torch.relu(x.mean((1, 2, 3)) - 0.5))[:, None]
+
+
+@pytest.mark.parametrize("case", ["nonfinite_gradient", "exploded"])
+def test_per_example_guards_every_image_as_its_own_run_would(judge, fixed_draws, case):
+    """The divergence guard acts image by image on the per-example copies, as it acts on separate batch-1 runs:
+    a non-finite update is skipped for that image only, and an image whose weights blow up gets the source
+    model's prediction; the other images are untouched. Without the guard the dark image's output is NaN."""
+    state = fixed_draws
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([0.5 * torch.rand(1, 3, 16, 16, generator=gen), 0.5 + 0.5 * torch.rand(2, 3, 16, 16, generator=gen)])
+    options = {"steps": 2, "pairs": 6, "micro_batch": 4, "lr": 0.5 if case == "nonfinite_gradient" else 1e9}
+    together = tta.create_adapter("diffusion_tta", GatedClassifier(), backend=judge, per_example=True, **options)
+    out = together(x)
+    alone, events = [], {}
+    for i in range(3):
+        state.update(step=0, rows=slice(i, i + 1))
+        single = tta.create_adapter("diffusion_tta", GatedClassifier(), backend=judge, **options)
+        alone.append(single(x[i:i + 1]))
+        for k, v in single.guard_events.items():
+            events[k] = events.get(k, 0) + v
+    with torch.no_grad():
+        source = GatedClassifier()(x)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, torch.cat(alone), atol=1e-5)
+    assert together.guard_events == events
+    assert torch.allclose(out[0], source[0])  # the dark image never adapts (or is reset)
+    if case == "nonfinite_gradient":
+        assert events == {"nonfinite_grad": 2}  # the dark image, both steps
+        assert not torch.allclose(out[1:], source[1:], atol=1e-3)  # the bright ones adapted
+    else:
+        # the bright images blew up (one to NaN) and were reset: every image reads the source prediction
+        assert events.get("exploded", 0) + events.get("diverged", 0) == 2 and torch.allclose(out, source)
+    state.update(step=0, rows=slice(0, 3))
+    unguarded = tta.create_adapter("diffusion_tta", GatedClassifier(), backend=judge, per_example=True, guard=False,
+                                   **options)(x)
+    assert not torch.isfinite(unguarded[0]).all()
 
 
 def test_checkpointing_a_dit_judge_keeps_the_soft_labels(tmp_path):

@@ -52,3 +52,17 @@ def test_nonfinite_gradients_skip_the_update_in_methods_with_their_own_loop(name
     adapter(batch[:1])
     assert adapter.guard_events.get("nonfinite_grad", 0) >= 1
     assert all(torch.equal(before[n], p) for n, p in adapter.adapted)
+
+
+@pytest.mark.parametrize("name", ["it3", "slow_inference", "ttt_mae", "diffusion_tta"])
+def test_methods_that_predict_after_their_loop_fall_back_to_the_source_when_they_diverge(name):
+    """A pathological learning rate blows the weights up; the prediction made after the loop is then the source
+    model's (diffusion_tta and slow_inference once predicted from the blown-up weights)."""
+    import copy
+    from conftest import model_and_config
+    model, config, batch = model_and_config(name, episodic=False, steps=2)
+    reference = tta.create_adapter(name, copy.deepcopy(model), **{**config, "steps": 0})(batch[:1])
+    adapter = tta.create_adapter(name, model, **{**config, "lr": 1e12, "optimizer": "sgd"})
+    out = adapter(batch[:1])
+    assert sum(adapter.guard_events.values()) > 0, "the guard never intervened at lr 1e12"
+    assert torch.allclose(out, reference, atol=1e-5)

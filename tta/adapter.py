@@ -12,7 +12,7 @@ import dataclasses
 import numbers
 import typing
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -222,6 +222,17 @@ class Adapter(nn.Module):
         return outputs
 
     # ---- divergence guard --------------------------------------------------------------------------------
+    def predict_guarded(self, predict: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """predict() from the adapted state, for methods that predict after their last step; with the guard on, a
+        diverged state (see diverged) is replaced by the source state and predict() runs again."""
+        with torch.no_grad():
+            outputs = predict()
+        if self.cfg.guard and self.diverged(outputs):
+            self.reset()
+            with torch.no_grad():
+                outputs = predict()
+        return outputs
+
     def optimize(self, loss: torch.Tensor) -> bool:
         """backward, step, zero_grad; with the guard on, a non-finite loss or gradient skips the update."""
         if self.cfg.guard and not torch.isfinite(loss.detach()).all():
@@ -270,8 +281,9 @@ class Adapter(nn.Module):
                 return True
         return False
 
-    def _count(self, event: str) -> None:
-        self.guard_events[event] = self.guard_events.get(event, 0) + 1
+    def _count(self, event: str, times: int = 1) -> None:
+        if times:
+            self.guard_events[event] = self.guard_events.get(event, 0) + times
 
     @property
     def adapted_names(self) -> List[str]:

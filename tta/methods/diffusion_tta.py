@@ -257,6 +257,7 @@ class DiffusionTTA(JudgedAdapter):
             self._generator = torch.Generator(device=device).manual_seed(config.seed)
         self._x0 = None
         self.last_loss: Optional[float] = None
+        self.last_losses: Optional[torch.Tensor] = None  # per image, of the last step
         self.micro_batch_used: Optional[int] = None  # the micro-batch of the last step (sized when micro_batch=0)
         self._sized_for: Optional[Tuple[int, ...]] = None
         self._source_state = self._capture_state()  # now with the judge, when it adapts
@@ -328,15 +329,17 @@ class DiffusionTTA(JudgedAdapter):
                                                t[:, start:start + m].reshape(-1),
                                                noise[:, start:start + m].reshape(b * m, *x0.shape[1:]), cfg.loss)
         micro = self.micro_batch_for(tuple(x0.shape), lambda m: judge_error(0, m))
-        total = torch.zeros((), device=device)
+        per_image = torch.zeros(b, device=device)
         images = 1 if predict is not None else b
         for start in range(0, n, micro):
-            err = judge_error(start, min(micro, n - start))
+            m = min(micro, n - start)
+            err = judge_error(start, m)
             (err.sum() / (images * n)).backward()
-            total += err.detach().sum()
+            per_image += err.detach().float().view(b, m).sum(1)  # pairs are image-major (repeat_interleave)
         if cond.requires_grad:
             cond.backward(cond_leaf.grad.to(cond.dtype))
-        self.last_loss = float(total / (b * n))
+        self.last_losses = per_image / n
+        self.last_loss = float(per_image.sum() / (b * n))
         return outputs
 
     def micro_batch_for(self, shape: Tuple[int, ...], run_pairs) -> int:
@@ -374,8 +377,7 @@ class DiffusionTTA(JudgedAdapter):
                     self.forward_and_adapt(x)
         finally:
             self._x0 = None
-        with torch.no_grad():  # the prediction of the adapted model, as in the paper
-            return self.predict(x)
+        return self.predict_guarded(lambda: self.predict(x))  # the adapted model's prediction, as in the paper
 
     def adapt_per_example(self, x: torch.Tensor) -> torch.Tensor:
         """Episodic adaptation of every image of the batch on its own copy of the adapted parameters, in one pass.
@@ -409,7 +411,65 @@ class DiffusionTTA(JudgedAdapter):
         with torch.enable_grad():
             for _ in range(self.cfg.steps):
                 self.compute_gradients(x, x0, predict=predict)
-                optimizer.step()
-                optimizer.zero_grad()
+                self._step_copies(optimizer, copies, self.last_losses)
         with torch.no_grad():
-            return predict(x)
+            outputs = predict(x)
+            if self.cfg.guard:
+                bad = self._diverged_copies(copies, outputs)
+                if bad.any():  # as a batch-1 run's guard does: those images get the source model's prediction
+                    outputs[bad] = self.predict(x[bad]).to(outputs.dtype)
+            return outputs
+
+    # ---- the divergence guard, image by image, for the per-example copies --------------------------------------
+    def _step_copies(self, optimizer: torch.optim.Optimizer, copies: Dict[str, torch.Tensor],
+                     losses: torch.Tensor) -> None:
+        """The optimizer step on the stacked copies. With the guard on, an image whose loss or gradient is not
+        finite keeps its parameters and optimizer state, as the guard of a batch-1 run skips that run's update
+        (exactly so for SGD; Adam's step count is shared by the copies, so a skip shifts that image's bias
+        correction)."""
+        b = losses.shape[0]
+        if not self.cfg.guard:
+            optimizer.step()
+            optimizer.zero_grad()
+            return
+        bad_loss = ~torch.isfinite(losses)
+        bad = bad_loss.clone()
+        for p in copies.values():
+            if p.grad is not None:
+                bad |= ~torch.isfinite(p.grad).reshape(b, -1).all(1)
+        self._count("nonfinite_loss", int(bad_loss.sum()))
+        self._count("nonfinite_grad", int((bad & ~bad_loss).sum()))
+        if not bad.any():
+            optimizer.step()
+            optimizer.zero_grad()
+            return
+        kept = {}
+        for p in copies.values():
+            state = {k: v[bad].clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v) and v.dim() > 0}
+            kept[p] = (p.detach()[bad].clone(), state)
+            if p.grad is not None:
+                p.grad[bad] = 0  # so a NaN cannot reach the other images through shared optimizer arithmetic
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            for p, (value, state) in kept.items():
+                p[bad] = value
+                for k, v in optimizer.state[p].items():
+                    if torch.is_tensor(v) and v.dim() > 0:
+                        # state made by this step (the first): a skipped image has none yet, which is zeros
+                        v[bad] = state[k] if k in state else 0
+
+    def _diverged_copies(self, copies: Dict[str, torch.Tensor], outputs: torch.Tensor) -> torch.Tensor:
+        """Per image: non-finite weights or outputs, or weights that grew a thousandfold beyond the source's scale
+        (Adapter.diverged's checks for a batch of one; a collapse needs a batch of 16 or more)."""
+        b = outputs.shape[0]
+        bad = ~torch.isfinite(outputs.reshape(b, -1)).all(1)
+        exploded = torch.zeros_like(bad)
+        source = dict(self.model.named_parameters())
+        for name, p in copies.items():
+            flat = p.detach().reshape(b, -1)
+            bad |= ~torch.isfinite(flat).all(1)
+            exploded |= flat.abs().amax(1) > 1e3 * (float(source[name].detach().abs().max()) + 1.0)
+        self._count("diverged", int(bad.sum()))
+        self._count("exploded", int((exploded & ~bad).sum()))
+        return bad | exploded

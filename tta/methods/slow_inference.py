@@ -152,8 +152,7 @@ class SlowInference(Adapter):
                         break
             if self.cfg.restore_best:
                 self._restore_best(x)
-        with torch.no_grad():
-            return self.model.predict(x)
+        return self.predict_guarded(lambda: self.model.predict(x))
 
     @torch.no_grad()
     def _restore_best(self, x: torch.Tensor) -> None:
