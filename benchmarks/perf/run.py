@@ -7,10 +7,10 @@ Sections: Diffusion-TTA per-example time and peak memory against a naive referen
 paper's structure: fp32, micro-batches of 15 with gradient accumulation, the classifier re-run and the image
 re-encoded for every micro-batch, nothing cached), with both losses on the same (t, eps) draws; a breakdown of
 where the time goes; Diffusion Classifier denoiser evaluations, time and accuracy with adaptive pruning against
-exhaustive scoring on the quick suite's images; throughput of the baselines; and, only when CUDA is available, the same on the real
-architectures with random weights (DiT-XL/2-256 + ResNet-50 / ConvNeXt-T, SD-2 UNet + OpenCLIP ViT-B/32).
-Every measurement runs in its own subprocess (so peak RSS is the measurement's own), with torch.set_num_threads(1)
-unless --threads says otherwise.
+exhaustive scoring on the quick suite's images; throughput of the baselines; and, only when CUDA is available,
+the same on the real architectures with random weights (DiT-XL/2-256 + ResNet-50 / ConvNeXt-T, SD-2 UNet +
+OpenCLIP ViT-B/32). Every measurement runs in its own subprocess (so peak RSS is the measurement's own), with
+torch.set_num_threads(1) unless --threads says otherwise.
 """
 from __future__ import annotations
 
