@@ -105,6 +105,25 @@ def test_gradient_checkpointing_and_channels_last_give_the_same_step(judge):
         judge.unet.to(memory_format=torch.contiguous_format)
 
 
+def test_checkpointing_an_adapted_judge_gives_it_the_same_gradients(tmp_path):
+    """Checkpointing when the judge adapts too (adapt_backend): the judge's own weights get the gradients they get
+    without it, as does the classifier."""
+    judge = create_backend(save_pixel_judge(tmp_path / "judge", num_classes=5, size=16, channels=3))
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    steps = []
+    for checkpointing in (False, True):
+        adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, adapt_backend=True,
+                                     checkpointing=checkpointing, **STEP)
+        adapter.compute_gradients(x)
+        steps.append((adapter.last_loss, {n: p.grad.clone() for n, p in adapter.adapted}, adapter))
+        adapter.optimizer.zero_grad()  # the judge is shared by both adapters
+    assert judge.unet.is_gradient_checkpointing
+    judge_grads = [n for n, g in steps[0][1].items() if "unet" in n and g.abs().sum() > 0]
+    assert len(judge_grads) > 10  # the judge's weights do get gradients
+    assert steps[1][1].keys() == steps[0][1].keys()
+    assert_same_step(*steps, rtol=1e-5)
+
+
 def test_checkpointing_needs_a_denoiser_that_supports_it(judge, monkeypatch):
     monkeypatch.setattr(type(judge.unet), "_supports_gradient_checkpointing", False)
     with pytest.raises(ValueError, match="does not support gradient checkpointing"):

@@ -66,3 +66,15 @@ def test_methods_that_predict_after_their_loop_fall_back_to_the_source_when_they
     out = adapter(batch[:1])
     assert sum(adapter.guard_events.values()) > 0, "the guard never intervened at lr 1e12"
     assert torch.allclose(out, reference, atol=1e-5)
+
+
+def test_finite_and_largest_sees_every_kind_of_non_finite_value():
+    from tta.adapter import finite_and_largest
+    nan, inf = float("nan"), float("inf")
+    rows = torch.tensor([[1.0, -5.0, 2.0], [1.0, nan, 2.0], [inf, 0.0, 0.0], [0.0, -inf, 0.0], [nan, inf, -inf]])
+    finite, largest = finite_and_largest(rows, per_slice=True)
+    assert finite.tolist() == [True, False, False, False, False]
+    assert float(largest[0]) == 5.0
+    for row in rows:
+        assert bool(finite_and_largest(row)[0]) == bool(torch.isfinite(row).all())
+    assert bool(finite_and_largest(torch.empty(0))[0])

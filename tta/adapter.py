@@ -129,6 +129,18 @@ def check_field_types(cls, values: Dict[str, Any], where: str) -> None:
         raise ValueError(f"{where}: {key} must be {_describe(hint)}, got {type(value).__name__} {value!r}{hint_text}")
 
 
+def finite_and_largest(t: torch.Tensor, per_slice: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Whether all values of t are finite, and their largest magnitude; with per_slice, for each slice along dim 0.
+    From one max and one min, which propagate NaN and show +-inf: several times faster than isfinite(t).all() on
+    the weights and gradients of large models, which the guard checks at every step."""
+    flat = t.reshape(t.shape[0] if per_slice else 1, -1)
+    if flat.shape[1] == 0:
+        return torch.ones(flat.shape[0], dtype=torch.bool), torch.zeros(flat.shape[0])
+    hi, lo = flat.amax(1), flat.amin(1)
+    finite, largest = torch.isfinite(hi) & torch.isfinite(lo), torch.maximum(hi, -lo)
+    return (finite, largest) if per_slice else (finite[0], largest[0])
+
+
 def build_optimizer(params: List[nn.Parameter], cfg: AdapterConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -245,7 +257,7 @@ class Adapter(nn.Module):
     def step_guarded(self) -> bool:
         """The optimizer step on gradients already accumulated, then zero_grad; with the guard on, a non-finite
         gradient skips the update. For methods that accumulate gradients themselves before stepping."""
-        if self.cfg.guard and any(p.grad is not None and not torch.isfinite(p.grad).all() for _, p in self.adapted):
+        if self.cfg.guard and any(p.grad is not None and not finite_and_largest(p.grad)[0] for _, p in self.adapted):
             self.optimizer.zero_grad()
             self._count("nonfinite_grad")
             return False
@@ -256,7 +268,7 @@ class Adapter(nn.Module):
     def diverged(self, outputs: torch.Tensor) -> bool:
         """Non-finite weights or outputs, exploded weights, or a collapse: a batch of 16 or more all predicted as
         one class with near-zero entropy, which entropy minimisation reaches when it degenerates."""
-        if any(not torch.isfinite(p).all() for _, p in self.adapted) or not torch.isfinite(outputs).all():
+        if any(not finite_and_largest(p.detach())[0] for _, p in self.adapted) or not torch.isfinite(outputs).all():
             self._count("diverged")
             return True
         if self._exploded():
@@ -277,7 +289,7 @@ class Adapter(nn.Module):
         source = self._source_state["module"]
         for _, p in self.adapted:
             p0 = source.get(names.get(id(p)))
-            if p0 is not None and float(p.detach().abs().max()) > 1e3 * (float(p0.abs().max()) + 1.0):
+            if p0 is not None and float(finite_and_largest(p.detach())[1]) > 1e3 * (float(p0.abs().max()) + 1.0):
                 return True
         return False
 

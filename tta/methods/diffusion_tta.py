@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..adapter import Adapter, AdapterConfig, make_config, register_adapter
+from ..adapter import Adapter, AdapterConfig, finite_and_largest, make_config, register_adapter
 from ..generative.base import autocast_for, check_autocast, denoiser_prefix, named_denoiser_parameters
 from ..generative.loading import match_backend_to_model, model_task, resolve_backend
 from ..generative.memory import micro_batch_from_memory
@@ -427,7 +427,6 @@ class DiffusionTTA(JudgedAdapter):
         finite keeps its parameters and optimizer state, as the guard of a batch-1 run skips that run's update
         (exactly so for SGD; Adam's step count is shared by the copies, so a skip shifts that image's bias
         correction)."""
-        b = losses.shape[0]
         if not self.cfg.guard:
             optimizer.step()
             optimizer.zero_grad()
@@ -436,7 +435,7 @@ class DiffusionTTA(JudgedAdapter):
         bad = bad_loss.clone()
         for p in copies.values():
             if p.grad is not None:
-                bad |= ~torch.isfinite(p.grad).reshape(b, -1).all(1)
+                bad |= ~finite_and_largest(p.grad, per_slice=True)[0]
         self._count("nonfinite_loss", int(bad_loss.sum()))
         self._count("nonfinite_grad", int((bad & ~bad_loss).sum()))
         if not bad.any():
@@ -462,14 +461,13 @@ class DiffusionTTA(JudgedAdapter):
     def _diverged_copies(self, copies: Dict[str, torch.Tensor], outputs: torch.Tensor) -> torch.Tensor:
         """Per image: non-finite weights or outputs, or weights that grew a thousandfold beyond the source's scale
         (Adapter.diverged's checks for a batch of one; a collapse needs a batch of 16 or more)."""
-        b = outputs.shape[0]
-        bad = ~torch.isfinite(outputs.reshape(b, -1)).all(1)
+        bad = ~finite_and_largest(outputs, per_slice=True)[0]
         exploded = torch.zeros_like(bad)
         source = dict(self.model.named_parameters())
         for name, p in copies.items():
-            flat = p.detach().reshape(b, -1)
-            bad |= ~torch.isfinite(flat).all(1)
-            exploded |= flat.abs().amax(1) > 1e3 * (float(source[name].detach().abs().max()) + 1.0)
+            finite, largest = finite_and_largest(p.detach(), per_slice=True)
+            bad |= ~finite
+            exploded |= largest > 1e3 * (float(source[name].detach().abs().max()) + 1.0)
         self._count("diverged", int(bad.sum()))
         self._count("exploded", int((exploded & ~bad).sum()))
         return bad | exploded
