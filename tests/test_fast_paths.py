@@ -56,11 +56,15 @@ def test_micro_batch_shrinks_with_free_memory(judge, monkeypatch):
     _, _, adapter = step_gradients(judge, micro_batch=0)
     assert adapter.micro_batch_used == STEP["pairs"]  # a tiny judge: every pair fits in this machine's memory
     x = torch.rand(2, 3, 16, 16)
-    for free, expected in ((None, 12), (0, 1)):  # unreadable free memory: the paper's 15, capped at the pairs
-        monkeypatch.setattr(memory, "free_memory_bytes", lambda device, free=free: free)
-        adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, **{**STEP, "micro_batch": 0})
-        adapter.compute_gradients(x)
-        assert adapter.micro_batch_used == expected
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: None)
+    adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, **{**STEP, "micro_batch": 0})
+    adapter.compute_gradients(x)
+    assert adapter.micro_batch_used == 12  # unreadable free memory: the paper's 15, capped at the pairs
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 0)
+    adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, **{**STEP, "micro_batch": 0})
+    with pytest.warns(RuntimeWarning, match="B free; expect running out of memory. Use fewer images per batch"):
+        adapter.compute_gradients(x)  # no room even for one pair: it still tries, with 1, and says why it may fail
+    assert adapter.micro_batch_used == 1
     # Room for about 3 pairs by the module's own accounting gives a micro-batch of 3.
     cond = torch.zeros(1, judge.unet.class_embedding.weight.shape[1], requires_grad=True)
 
@@ -72,13 +76,16 @@ def test_micro_batch_shrinks_with_free_memory(judge, monkeypatch):
     free = int((fixed + 3.5 * memory.BACKWARD_FACTOR * per_pair) / memory.FREE_MEMORY_SHARE)
     monkeypatch.setattr(memory, "free_memory_bytes", lambda device: free)
     assert memory.micro_batch_from_memory(run, 12, torch.device("cpu")) == 3
+    # Measured on one image, the cost scales with the images a micro-batch holds (3 pairs' room, 2 images: 1 pair).
+    assert memory.micro_batch_from_memory(run, 12, torch.device("cpu"), images=2) == 1
     # A budget below the free memory caps the micro-batch; the adapter takes it in GB (memory_gb).
     budget = free * memory.FREE_MEMORY_SHARE
     monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 100 * free)
     assert memory.micro_batch_from_memory(run, 12, torch.device("cpu"), budget_bytes=budget) == 3
     adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge,
                                  **{**STEP, "micro_batch": 0, "memory_gb": 1e-9})
-    adapter.compute_gradients(x)
+    with pytest.warns(RuntimeWarning, match=r"allowed \(memory_gb\)"):
+        adapter.compute_gradients(x)
     assert adapter.micro_batch_used == 1
     with pytest.raises(ValueError, match="memory_gb must be positive"):
         tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, memory_gb=0.0)

@@ -420,7 +420,8 @@ def worker_gpu_arch(a: Dict[str, Any]) -> Dict[str, Any]:
     device = torch.device(a["device"])
     cuda = device.type == "cuda"
     steps, pairs, mb, n_img = a["steps"], a["pairs"], a["micro_batch"], a["n_images"]
-    out: Dict[str, Any] = {"device": a["device"], "steps": steps, "pairs": pairs, "micro_batch": mb}
+    out: Dict[str, Any] = {"device": a["device"], "steps": steps, "pairs": pairs, "micro_batch": mb,
+                           "per_example_images": a["per_example_images"]}
 
     def measure(fn):
         if cuda:
@@ -462,8 +463,8 @@ def worker_gpu_arch(a: Dict[str, Any]) -> Dict[str, Any]:
         if cuda:
             torch.cuda.empty_cache()
         # Checkpointing stays on the judge once enabled (in place), so it comes last.
-        for name, options in gpu_variants(mb):
-            images = x.repeat(PER_EXAMPLE_IMAGES if options.get("per_example") else 1, 1, 1, 1)
+        for name, options in gpu_variants(mb, a["per_example_images"]):
+            images = x.repeat(a["per_example_images"] if options.get("per_example") else 1, 1, 1, 1)
             try:
                 adapter = tta.create_adapter("diffusion_tta", model, backend=backend, seed=0, steps=steps,
                                              pairs=pairs, **options)
@@ -578,17 +579,14 @@ def classifier_section(dc: Dict[str, Any], schedules, limit: int, jobs: int, qui
 
 
 # ---- the report ----------------------------------------------------------------------------------------------
-PER_EXAMPLE_IMAGES = 4  # images adapted at once, each on its own parameter copy, in the per_example variant
-
-
-def gpu_variants(mb: int):
+def gpu_variants(mb: int, per_example_images: int):
     """The project variants of the GPU section: the defaults, then micro-batches sized for the 20 GB peak target
     (16 GB for the judge's activations, the rest for the weights), with per-example copies of several images at
     once, and with checkpointing (last: it stays on the judge)."""
     sized = {"micro_batch": 0, "memory_gb": 16.0}
     return (("project", {"micro_batch": mb}),
             ("project, micro_batch 0, memory_gb 16", sized),
-            (f"project, micro_batch 0, memory_gb 16 + per_example ({PER_EXAMPLE_IMAGES} images at once)",
+            (f"project, micro_batch 0, memory_gb 16 + per_example ({per_example_images} images at once)",
              {**sized, "per_example": True}),
             ("project, micro_batch 0, memory_gb 16 + checkpointing", {**sized, "checkpointing": True}))
 
@@ -601,7 +599,7 @@ def gpu_table(g: Dict[str, Any]) -> List[str]:
         if not isinstance(r, dict) or "naive" not in r:
             continue
         naive_s = r["naive"].get("s_per_image")
-        for variant in ("naive", *(name for name, _ in gpu_variants(g["micro_batch"]))):
+        for variant in ("naive", *(name for name, _ in gpu_variants(g["micro_batch"], g["per_example_images"]))):
             v = r.get(variant, {})
             if "error" in v:
                 out.append(f"| {label} | {variant} | - | {v['error']} | - | - |")
@@ -638,6 +636,7 @@ def main(argv=None) -> int:
     if args.gpu_smoke_cpu is not None:
         res = run_worker("gpu_arch", {"device": "cpu", "configs": args.gpu_smoke_cpu or ["dit"], "steps": 1, "pairs": 2,
                                       "micro_batch": 1, "n_images": 1, "batch": 2, "throughput_iters": 1,
+                                      "per_example_images": 2,  # 4 DiT-XL passes at once need ~17 GB in fp32
                                       "classifier_samples": 0, "classifier_mb": 8}, args.threads, timeout=3000)
         print(json.dumps(res, indent=1))
         print("\n".join(gpu_table(res)))
@@ -806,10 +805,11 @@ def main(argv=None) -> int:
         g = run_worker("gpu_arch", {"device": "cuda", "configs": ["dit", "sd"], "steps": 5,
                                     "pairs": 30 if q else 180, "micro_batch": 15, "n_images": 1 if q else 2,
                                     "batch": 64, "throughput_iters": 3, "classifier_samples": 10 if q else 25,
+                                    "per_example_images": 4,
                                     "classifier_mb": 250}, args.threads, timeout=7200)
         say(f"Device: {torch.cuda.get_device_name(0)}. Diffusion-TTA at 5 steps x {g['pairs']} pairs, micro-batch "
             f"{g['micro_batch']}; the project path uses bf16 autocast on CUDA, the naive loop fp32. Time is per "
-            f"image; peak memory is per call, so the per_example row's holds {PER_EXAMPLE_IMAGES} images.\n")
+            f"image; peak memory is per call, so the per_example row's holds {g['per_example_images']} images.\n")
         lines.extend(gpu_table(g))
         for label, r in g.items():
             if isinstance(r, dict) and "throughput" in r:

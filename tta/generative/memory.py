@@ -10,6 +10,7 @@ memory that is free now.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -55,12 +56,14 @@ def free_memory_bytes(device: torch.device) -> Optional[int]:
 
 
 def micro_batch_from_memory(run_pairs: Callable[[int], object], pairs: int, device: torch.device,
-                            fallback: int = 15, budget_bytes: Optional[float] = None) -> int:
-    """The largest micro-batch (pairs per judge pass, at most `pairs`) whose backward fits in the free memory,
-    or in `budget_bytes` when that is smaller (a cap for a card shared with other work, or a peak target).
+                            fallback: int = 15, budget_bytes: Optional[float] = None, images: int = 1) -> int:
+    """The largest micro-batch (pairs per image in one judge call, at most `pairs`) whose backward fits in the
+    free memory, or in `budget_bytes` when that is smaller (a cap for a card shared with other work, or a peak
+    target). A micro-batch of k pairs runs the judge on images * k inputs at once.
 
-    run_pairs(m) runs the judge on m pairs with autograd recording (as the real step does: same precision,
-    same condition); it is called with m = 1 and m = 2. Returns `fallback` when neither is known.
+    run_pairs(m) runs the judge on m pairs of one image with autograd recording (as the real step does: same
+    precision, same condition); it is called with m = 1 and m = 2, so measuring costs 3 judge passes whatever
+    the batch. Returns `fallback` when neither the free memory nor a budget is known.
     """
     if pairs <= 1:
         return 1
@@ -69,7 +72,18 @@ def micro_batch_from_memory(run_pairs: Callable[[int], object], pairs: int, devi
     if not limits:
         return min(fallback, pairs)
     one, two = saved_tensor_bytes(lambda: run_pairs(1)), saved_tensor_bytes(lambda: run_pairs(2))
-    per_pair = max(two - one, 1)
-    fixed = max(one - per_pair, 0)
+    per_input = max(two - one, 1)
+    fixed = max(one - per_input, 0)
+    per_pair = images * per_input  # one pair for every image of the batch
     budget = min(limits) - fixed
+    if budget < BACKWARD_FACTOR * per_pair:  # even one pair (per image of the batch) does not fit: say so now
+        room = "allowed (memory_gb)" if budget_bytes is not None and budget_bytes == min(limits) else "free"
+        warnings.warn(f"one judge pass per image of this batch needs about {_size(BACKWARD_FACTOR * per_pair)} for "
+                      f"its backward, more than the {_size(max(budget, 0))} {room}; expect running out of memory. "
+                      "Use fewer images per batch (per_example adapts them all at once), checkpointing: true, or "
+                      "bf16 autocast", RuntimeWarning, stacklevel=2)
     return int(max(1, min(pairs, budget // (BACKWARD_FACTOR * per_pair))))
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2 ** 30:.1f} GB" if n_bytes >= 2 ** 29 else f"{n_bytes / 2 ** 20:.1f} MB"

@@ -328,7 +328,12 @@ class DiffusionTTA(JudgedAdapter):
                 return backend.denoising_error(x0.repeat_interleave(m, 0), cond_leaf.repeat_interleave(m, 0),
                                                t[:, start:start + m].reshape(-1),
                                                noise[:, start:start + m].reshape(b * m, *x0.shape[1:]), cfg.loss)
-        micro = self.micro_batch_for(tuple(x0.shape), lambda m: judge_error(0, m))
+
+        def one_image(m: int) -> torch.Tensor:  # m passes of the first image: what sizing measures
+            with autocast_for(device, cfg.autocast):
+                return backend.denoising_error(x0[:1].expand(m, *x0.shape[1:]), cond_leaf[:1].expand(m, -1),
+                                               t[0, :m], noise[0, :m], cfg.loss)
+        micro = self.micro_batch_for(tuple(x0.shape), one_image)
         per_image = torch.zeros(b, device=device)
         images = 1 if predict is not None else b
         for start in range(0, n, micro):
@@ -350,7 +355,8 @@ class DiffusionTTA(JudgedAdapter):
         elif self._sized_for != shape:
             device = self.backend.alphas_cumprod.device
             budget = self.cfg.memory_gb * 2 ** 30 if self.cfg.memory_gb is not None else None
-            self.micro_batch_used = micro_batch_from_memory(run_pairs, self.cfg.pairs, device, budget_bytes=budget)
+            self.micro_batch_used = micro_batch_from_memory(run_pairs, self.cfg.pairs, device, budget_bytes=budget,
+                                                            images=shape[0])
             self._sized_for = shape
         return self.micro_batch_used
 
