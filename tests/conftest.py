@@ -104,3 +104,25 @@ def model_and_config(name, **overrides):
         torch.manual_seed(1)
         model, config, batch = tiny_model(sharpness=20.0), dict(FAST.get(name, {})), torch.rand(8, 3, 16, 16)
     return model, {**config, **overrides}, batch
+
+
+@pytest.fixture
+def fixed_draws(monkeypatch):
+    """Diffusion-TTA's (t, eps) draws fixed per step for up to 3 images: set state["rows"] to the images a run
+    adapts and state["step"] to 0 before it, and every run gets its images' rows of the same draws, so a batch
+    adapted per example can be compared with separate runs of one image."""
+    import tta.methods.diffusion_tta as dtta
+    draws = {}
+    state = {"step": 0, "rows": slice(0, 3)}
+
+    def fake_pairs(x0, n, *args):
+        step = state["step"]
+        state["step"] += 1
+        if step not in draws:
+            gen = torch.Generator().manual_seed(4 + step)
+            draws[step] = (torch.randint(0, 1000, (3, n), generator=gen),
+                           torch.randn(3, n, *x0.shape[1:], generator=gen))
+        t, eps = draws[step]
+        return t[state["rows"]].to(x0.device), eps[state["rows"]].to(x0.device, x0.dtype)
+    monkeypatch.setattr(dtta, "sample_pairs", fake_pairs)
+    return state

@@ -234,6 +234,32 @@ def test_clip_lora_adapts_only_the_low_rank_updates(tiny_clip, sd_judge):
     assert adapter.lora.names == ["net.visual.transformer.resblocks.0.attn.in_proj_weight"]
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch: vmap over CPU attention
+def test_clip_lora_per_example_equals_separate_runs_of_one_image(tiny_clip, sd_judge, fixed_draws):
+    """LoRA with per_example: every image adapts its own copy of the low-rank updates, as its own batch-1 run does
+    (the paper's CLIP setting, several images at once)."""
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    options = {"adapt": "lora", "lora_rank": 2, "steps": 2, "pairs": 4, "micro_batch": 4, "lr": 0.5}
+
+    def adapter(**extra):
+        a = tta.create_adapter("diffusion_tta", tiny_clip(), backend=sd_judge, **options, **extra)
+        torch.manual_seed(1)
+        for b in a.lora.updates[0].B:
+            b.data.normal_()  # B starts at zero, where A gets no gradient and the first step changes nothing
+        a._source_state = a._capture_state()  # these B are the state every episode starts from
+        return a
+    together = adapter(per_example=True)
+    out = together(x)
+    alone = []
+    for i in range(3):
+        fixed_draws.update(step=0, rows=slice(i, i + 1))
+        alone.append(adapter()(x[i:i + 1]))
+    with torch.no_grad():
+        unadapted = together.predict(x)  # the LoRA set itself never changes under per_example
+    assert torch.allclose(out, torch.cat(alone), atol=1e-5)
+    assert not torch.allclose(out, unadapted, atol=1e-4)
+
+
 def test_clip_last_layer_is_the_image_projection(tiny_clip, sd_judge):
     model = tiny_clip()
     adapter = tta.create_adapter("diffusion_tta", model, backend=sd_judge, adapt="last", **FAST)

@@ -161,24 +161,6 @@ def test_cpu_bf16_is_close_to_float32(judge):
         assert cosine > 0.95, name
 
 
-@pytest.fixture
-def fixed_draws(monkeypatch):
-    """Fixed per-step (t, eps) draws for 3 images, 2 steps, 6 pairs: set state["rows"] to the images a run adapts
-    and state["step"] to 0 before it, and every run gets its images' rows of the same draws."""
-    import tta.methods.diffusion_tta as dtta
-    gen = torch.Generator().manual_seed(4)
-    draws = [(torch.randint(0, 1000, (3, 6), generator=gen), torch.randn(3, 6, 3, 16, 16, generator=gen))
-             for _ in range(2)]
-    state = {"step": 0, "rows": slice(0, 3)}
-
-    def fake_pairs(x0, n, *args):
-        t, eps = draws[state["step"]]
-        state["step"] += 1
-        return t[state["rows"]], eps[state["rows"]]
-    monkeypatch.setattr(dtta, "sample_pairs", fake_pairs)
-    return state
-
-
 def test_per_example_batch_equals_separate_runs_of_one_image(judge, fixed_draws):
     """Three images adapted at once on their own parameter copies = three episodic runs of batch 1, on the same
     (t, eps) draws (a fake sample_pairs hands every run its images' rows of fixed per-step draws)."""

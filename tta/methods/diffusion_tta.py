@@ -92,9 +92,9 @@ class DiffusionTTAConfig(AdapterConfig):
             raise ValueError(f"memory_gb must be positive (or null: half the free memory), got {self.memory_gb}")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be positive, got {self.lora_rank}")
-        if self.per_example and (not self.episodic or self.adapt == "lora" or self.adapt_backend):
+        if self.per_example and (not self.episodic or self.adapt_backend):
             raise ValueError("per_example adapts a copy of the model per image and drops it after the call: it needs "
-                             "episodic=True, adapt='all', 'norm' or 'last', and adapt_backend=False")
+                             "episodic=True and adapt_backend=False")
 
 
 # ---- LoRA: low-rank updates of attention q/v projections, applied without changing the model --------------
@@ -161,10 +161,10 @@ class LoRASet(nn.Module):
         self.names = sorted(targets)
         self.updates = nn.ModuleList(LoRA(params[n], targets[n], rank, alpha) for n in self.names)
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
         params = dict(model.named_parameters())
         merged = {n: params[n] + lora.delta(params[n]) for n, lora in zip(self.names, self.updates)}
-        return torch.func.functional_call(model, merged, (x,))
+        return torch.func.functional_call(model, merged, (x,), kwargs)
 
 
 def last_layer_parameters(model: nn.Module, name: Optional[str] = None) -> List[Tuple[str, nn.Parameter]]:
@@ -391,27 +391,37 @@ class DiffusionTTA(JudgedAdapter):
         The copies are stacked along a new first dimension and the model runs once per copy through torch.func
         (vmap over functional_call); the judge sees all images' pairs together. Each image's loss depends only on
         its own copy, and SGD and Adam update element by element, so this is B independent episodic runs of batch
-        1 done at once (same result, fewer and larger judge calls). The model's own parameters never change."""
+        1 done at once (same result, fewer and larger judge calls). The model's own parameters never change; with
+        LoRA the copies are of the low-rank updates."""
         from torch.func import functional_call, vmap
         b = x.shape[0]
-        named = dict(self.model.named_parameters())
+        lora = self.cfg.adapt == "lora"
+        owner = self.lora if lora else self.model  # the module whose parameters adapt
+        named = dict(owner.named_parameters())
         adapted = [n for n, p in named.items() if p.requires_grad]
         copies = {n: named[n].detach().unsqueeze(0).repeat(b, *([1] * named[n].dim())).requires_grad_(True)
                   for n in adapted}
-        fixed = {**{n: p.detach() for n, p in named.items() if n not in copies}, **dict(self.model.named_buffers())}
+        fixed = {**{n: p.detach() for n, p in named.items() if n not in copies}, **dict(owner.named_buffers())}
         optimizer = self.build_optimizer(list(copies.values()))
         # The adapter checked the whole batch; ImageModel's own checks branch on values, which vmap cannot do.
         unchecked = {"check": False} if isinstance(self.model, ImageModel) else {}
 
         def one(params, image):
-            return functional_call(self.model, {**fixed, **params}, (image.unsqueeze(0),), unchecked).squeeze(0)
+            args = (self.model, image.unsqueeze(0)) if lora else (image.unsqueeze(0),)
+            return functional_call(owner, {**fixed, **params}, args, unchecked).squeeze(0)
 
         def predict(images):
+            # Under vmap nn.MultiheadAttention cannot tell that its weights need gradients and takes its inference
+            # fast path, which has no backward: keep it on the regular path for this call.
+            fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
             try:
                 return vmap(one)(copies, images)
             except RuntimeError as e:  # vmap cannot batch every operation (in-place updates, data-dependent code)
                 raise RuntimeError(f"per_example=True could not run this model under torch.func.vmap ({e}); "
                                    "use per_example=False and batches of one image") from e
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
         with torch.no_grad():
             x0 = self.backend.encode(x.to(self.backend.alphas_cumprod.device))
         with torch.enable_grad():
@@ -421,7 +431,7 @@ class DiffusionTTA(JudgedAdapter):
         with torch.no_grad():
             outputs = predict(x)
             if self.cfg.guard:
-                bad = self._diverged_copies(copies, outputs)
+                bad = self._diverged_copies(copies, named, outputs)
                 if bad.any():  # as a batch-1 run's guard does: those images get the source model's prediction
                     outputs[bad] = self.predict(x[bad]).to(outputs.dtype)
             return outputs
@@ -464,12 +474,12 @@ class DiffusionTTA(JudgedAdapter):
                         # state made by this step (the first): a skipped image has none yet, which is zeros
                         v[bad] = state[k] if k in state else 0
 
-    def _diverged_copies(self, copies: Dict[str, torch.Tensor], outputs: torch.Tensor) -> torch.Tensor:
+    def _diverged_copies(self, copies: Dict[str, torch.Tensor], source: Dict[str, torch.Tensor],
+                         outputs: torch.Tensor) -> torch.Tensor:
         """Per image: non-finite weights or outputs, or weights that grew a thousandfold beyond the source's scale
         (Adapter.diverged's checks for a batch of one; a collapse needs a batch of 16 or more)."""
         bad = ~finite_and_largest(outputs, per_slice=True)[0]
         exploded = torch.zeros_like(bad)
-        source = dict(self.model.named_parameters())
         for name, p in copies.items():
             finite, largest = finite_and_largest(p.detach(), per_slice=True)
             bad |= ~finite
