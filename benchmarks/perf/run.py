@@ -636,7 +636,7 @@ def main(argv=None) -> int:
     if args.gpu_smoke_cpu is not None:
         res = run_worker("gpu_arch", {"device": "cpu", "configs": args.gpu_smoke_cpu or ["dit"], "steps": 1, "pairs": 2,
                                       "micro_batch": 1, "n_images": 1, "batch": 2, "throughput_iters": 1,
-                                      "per_example_images": 2,  # 4 DiT-XL passes at once need ~17 GB in fp32
+                                      "per_example_images": 2,  # fp32 DiT-XL, 4 images at once: 13 GB peak
                                       "classifier_samples": 0, "classifier_mb": 8}, args.threads, timeout=3000)
         print(json.dumps(res, indent=1))
         print("\n".join(gpu_table(res)))
