@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import numbers
 import typing
 from dataclasses import dataclass
@@ -141,6 +142,12 @@ def finite_and_largest(t: torch.Tensor, per_slice: bool = False) -> Tuple[torch.
     return (finite, largest) if per_slice else (finite[0], largest[0])
 
 
+def explosion_limit(source: torch.Tensor) -> float:
+    """The largest weight magnitude the guard accepts for a parameter whose source value is `source`: a
+    thousandfold its source scale (still finite beyond it, but the predictions such weights give are arbitrary)."""
+    return 1e3 * (float(source.detach().abs().max()) + 1.0)
+
+
 def build_optimizer(params: List[nn.Parameter], cfg: AdapterConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -254,9 +261,14 @@ class Adapter(nn.Module):
         loss.backward()
         return self.step_guarded()
 
-    def step_guarded(self) -> bool:
+    def step_guarded(self, loss: Optional[float] = None) -> bool:
         """The optimizer step on gradients already accumulated, then zero_grad; with the guard on, a non-finite
-        gradient skips the update. For methods that accumulate gradients themselves before stepping."""
+        gradient, or a non-finite `loss` (the value those gradients came from, when given), skips the update. For
+        methods that accumulate gradients themselves before stepping."""
+        if self.cfg.guard and loss is not None and not math.isfinite(loss):
+            self.optimizer.zero_grad()
+            self._count("nonfinite_loss")
+            return False
         if self.cfg.guard and any(p.grad is not None and not finite_and_largest(p.grad)[0] for _, p in self.adapted):
             self.optimizer.zero_grad()
             self._count("nonfinite_grad")
@@ -289,7 +301,7 @@ class Adapter(nn.Module):
         source = self._source_state["module"]
         for _, p in self.adapted:
             p0 = source.get(names.get(id(p)))
-            if p0 is not None and float(finite_and_largest(p.detach())[1]) > 1e3 * (float(p0.abs().max()) + 1.0):
+            if p0 is not None and float(finite_and_largest(p.detach())[1]) > explosion_limit(p0):
                 return True
         return False
 

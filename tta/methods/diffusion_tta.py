@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -35,7 +34,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..adapter import Adapter, AdapterConfig, finite_and_largest, make_config, register_adapter
+from ..adapter import (Adapter, AdapterConfig, explosion_limit, finite_and_largest, make_config,
+                       register_adapter)
 from ..generative.base import autocast_for, check_autocast, denoiser_prefix, named_denoiser_parameters
 from ..generative.loading import match_backend_to_model, model_task, resolve_backend
 from ..generative.memory import micro_batch_from_memory
@@ -362,11 +362,7 @@ class DiffusionTTA(JudgedAdapter):
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         outputs = self.compute_gradients(x, self._x0)
-        if self.cfg.guard and not math.isfinite(self.last_loss):  # the guard: skip the update
-            self.optimizer.zero_grad()
-            self._count("nonfinite_loss")
-        else:
-            self.step_guarded()
+        self.step_guarded(self.last_loss)
         return outputs
 
     def adapt_and_predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -443,18 +439,16 @@ class DiffusionTTA(JudgedAdapter):
         finite keeps its parameters and optimizer state, as the guard of a batch-1 run skips that run's update
         (exactly so for SGD; Adam's step count is shared by the copies, so a skip shifts that image's bias
         correction)."""
-        if not self.cfg.guard:
-            optimizer.step()
-            optimizer.zero_grad()
-            return
-        bad_loss = ~torch.isfinite(losses)
-        bad = bad_loss.clone()
-        for p in copies.values():
-            if p.grad is not None:
-                bad |= ~finite_and_largest(p.grad, per_slice=True)[0]
-        self._count("nonfinite_loss", int(bad_loss.sum()))
-        self._count("nonfinite_grad", int((bad & ~bad_loss).sum()))
-        if not bad.any():
+        bad = torch.zeros_like(losses, dtype=torch.bool)
+        if self.cfg.guard:
+            bad_loss = ~torch.isfinite(losses)
+            bad |= bad_loss
+            for p in copies.values():
+                if p.grad is not None:
+                    bad |= ~finite_and_largest(p.grad, per_slice=True)[0]
+            self._count("nonfinite_loss", int(bad_loss.sum()))
+            self._count("nonfinite_grad", int((bad & ~bad_loss).sum()))
+        if not bad.any():  # the usual case (and always without the guard): a plain step
             optimizer.step()
             optimizer.zero_grad()
             return
@@ -483,7 +477,7 @@ class DiffusionTTA(JudgedAdapter):
         for name, p in copies.items():
             finite, largest = finite_and_largest(p.detach(), per_slice=True)
             bad |= ~finite
-            exploded |= largest > 1e3 * (float(source[name].detach().abs().max()) + 1.0)
+            exploded |= largest > explosion_limit(source[name])
         self._count("diverged", int(bad.sum()))
         self._count("exploded", int((exploded & ~bad).sum()))
         return bad | exploded
