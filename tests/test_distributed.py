@@ -70,6 +70,9 @@ def test_torchrun_matches_single_process(tmp_path):
                 assert other["metrics"][name] is None
             else:
                 assert other["metrics"][name] == pytest.approx(value, abs=1e-6), (key, name)
+        # per-image records survive the merge: the same images with the same outcomes, whatever the shard order
+        mine, theirs = row["per_image"], other["per_image"]
+        assert sorted(zip(*mine.values())) == sorted(zip(*theirs.values())), key
     sharded = [r for r in two.values() if r["setting"] == "episodic"]
     assert sharded and all(r["distributed"] == {"world_size": 2, "sharded_by": "example"} for r in sharded)
     assert all(r["curve"][-1][1] == r["n"] for r in sharded)

@@ -177,7 +177,8 @@ def merge_shard_rows(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     row = {k: v for k, v in rows[0].items() if k not in (SHARD_FIELD, ORDER_FIELD)}
     from .runner import _thin
     row.update({
-        "metrics": meter.compute(), "n": sum(r["n"] for r in rows), "n_batches": sum(r["n_batches"] for r in rows),
+        "metrics": meter.compute(), "per_image": meter.per_image(),
+        "n": sum(r["n"] for r in rows), "n_batches": sum(r["n_batches"] for r in rows),
         "seconds": max(r["seconds"] for r in rows), "seconds_model": round(sum(r["seconds_model"] for r in rows), 4),
         "guard_events": events, "curve": _thin(curve), "finished": max(r["finished"] for r in rows),
         "distributed": {"world_size": world, "sharded_by": "example"},
@@ -302,7 +303,8 @@ class ShardedRunner(Runner):
         for b, (x, y) in zip(mine, loader):
             labelled = int((y >= 0).sum()) if y.dim() == 1 else None
             self._batch_log.append({"index": b, "n": len(x), "labelled": labelled, "seconds": 0.0})
-            yield StreamBatch(x, y, torch.full((len(x),), k, dtype=torch.long), True, b)
+            yield StreamBatch(x, y, torch.full((len(x),), k, dtype=torch.long), True, b,
+                              torch.as_tensor(chunks[b], dtype=torch.long))
 
     def _step(self, adapter, x):
         out, seconds = super()._step(adapter, x)

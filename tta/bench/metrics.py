@@ -177,7 +177,27 @@ def depth_ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 
 # ---- meters: accumulate over a stream ----------------------------------------------------------------------
-class ClassificationMeter:
+class _PerImage:
+    """Per-image records kept beside a meter's totals: each image's index in its domain ("id") and its score,
+    so two methods run on the same images can be paired image by image (tta.bench.stats)."""
+
+    def _start_records(self, *fields: str) -> None:
+        self.records: Dict[str, list] = {"id": [], **{f: [] for f in fields}}
+        self.records_complete = True  # False once a batch came without ids: no pairing for this row
+
+    def _record(self, ids: Optional[torch.Tensor], **values: list) -> None:
+        if ids is None:
+            self.records_complete = False
+            return
+        self.records["id"] += [int(i) for i in ids]
+        for name, vals in values.items():
+            self.records[name] += vals
+
+    def per_image(self) -> Optional[Dict[str, list]]:
+        return self.records if self.records_complete and self.records["id"] else None
+
+
+class ClassificationMeter(_PerImage):
     """Top-1 accuracy and ECE; `class_subset` restricts the prediction to those output indices (ImageNet-A/R)."""
     primary = "accuracy"
 
@@ -187,8 +207,9 @@ class ClassificationMeter:
         self.confidence: List[float] = []
         self.correct: List[bool] = []
         self.n = 0
+        self._start_records("pred", "correct")
 
-    def update(self, outputs: torch.Tensor, target: torch.Tensor) -> None:
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, ids: Optional[torch.Tensor] = None) -> None:
         if outputs.dim() != 2:
             raise ValueError(f"classification benchmarks need (B, K) logits, got shape {tuple(outputs.shape)}")
         logits = outputs.detach().float().cpu()
@@ -202,7 +223,10 @@ class ClassificationMeter:
         self.n += len(target)
         mask = target >= 0
         self.confidence += conf[mask].tolist()
-        self.correct += (pred[mask] == target[mask]).tolist()
+        correct = (pred[mask] == target[mask]).tolist()
+        self.correct += correct
+        self._record(None if ids is None else ids.cpu()[mask], pred=pred[mask].tolist(),
+                     correct=[int(c) for c in correct])
 
     def running(self) -> Optional[float]:
         return sum(self.correct) / len(self.correct) if self.correct else None
@@ -216,8 +240,9 @@ class ClassificationMeter:
                 "n_labelled": len(self.correct)}
 
 
-class SegmentationMeter:
-    """mIoU and pixel accuracy; logits are resized (bilinear) to the target's size before the argmax."""
+class SegmentationMeter(_PerImage):
+    """mIoU and pixel accuracy; logits are resized (bilinear) to the target's size before the argmax. The
+    per-image records hold each image's own mIoU (over the classes in that image or its prediction)."""
     primary = "miou"
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
@@ -225,14 +250,18 @@ class SegmentationMeter:
         self.ignore_index = ignore_index
         self.conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
         self.n = 0
+        self._start_records("miou")
 
-    def update(self, outputs: torch.Tensor, target: torch.Tensor) -> None:
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, ids: Optional[torch.Tensor] = None) -> None:
         if outputs.dim() != 4 or outputs.shape[1] != self.num_classes:
             raise ValueError(f"segmentation needs (B, {self.num_classes}, H, W) logits, got {tuple(outputs.shape)}")
         if outputs.shape[-2:] != target.shape[-2:]:
             outputs = F.interpolate(outputs.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
-        self.conf += confusion_matrix(outputs.argmax(1).cpu(), target.cpu(), self.num_classes, self.ignore_index)
+        pred, target = outputs.argmax(1).cpu(), target.cpu()
+        per_image = [confusion_matrix(p, t, self.num_classes, self.ignore_index) for p, t in zip(pred, target)]
+        self.conf += sum(per_image[1:], per_image[0].clone())
         self.n += len(target)
+        self._record(ids, miou=[mean_iou(c) if c.sum() else float("nan") for c in per_image])
 
     def running(self) -> Optional[float]:
         return pixel_accuracy(self.conf) if self.conf.sum() else None
@@ -243,17 +272,18 @@ class SegmentationMeter:
         return {"miou": mean_iou(self.conf), "pixel_accuracy": pixel_accuracy(self.conf)}
 
 
-class DepthMeter:
+class DepthMeter(_PerImage):
     """AbsRel, RMSE, delta1 (pooled over pixels) and SSIM (mean over images); predictions are resized to the
-    target's size."""
+    target's size. The per-image records hold each image's own delta1."""
     primary = "delta1"
 
     def __init__(self):
         self.sums = {"pixels": 0.0, "abs_rel": 0.0, "sq_err": 0.0, "delta1": 0.0}
         self.ssims: List[float] = []
         self.n = 0
+        self._start_records("delta1")
 
-    def update(self, outputs: torch.Tensor, target: torch.Tensor) -> None:
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, ids: Optional[torch.Tensor] = None) -> None:
         if outputs.dim() != 4 or outputs.shape[1] != 1:
             raise ValueError(f"depth benchmarks need (B, 1, H, W) predictions, got {tuple(outputs.shape)}")
         target = target.cpu().float()
@@ -263,6 +293,11 @@ class DepthMeter:
             pred = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
         for key, value in depth_sums(pred, target).items():
             self.sums[key] += value
+        delta1 = []
+        for p, t in zip(pred, target):
+            sums = depth_sums(p, t)
+            delta1.append(sums["delta1"] / sums["pixels"] if sums["pixels"] else float("nan"))
+        self._record(ids, delta1=delta1)
         for p, t in zip(pred[:, 0], target[:, 0]):
             if valid_depth(t).any():
                 self.ssims.append(depth_ssim(p, t))
@@ -279,7 +314,7 @@ class DepthMeter:
         return out
 
 
-class ObjectDiscoveryMeter:
+class ObjectDiscoveryMeter(_PerImage):
     """ARI and FG-ARI (mean over images) of slot masks (B, S, H, W) against integer label maps (B, H, W), for
     slot models (task "object_discovery"): slot k has no fixed class, so only the partition is compared."""
     primary = "fg_ari"
@@ -288,17 +323,20 @@ class ObjectDiscoveryMeter:
         self.ari: List[float] = []
         self.fg_ari: List[float] = []
         self.n = 0
+        self._start_records("fg_ari", "ari")
 
-    def update(self, outputs: torch.Tensor, target: torch.Tensor) -> None:
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, ids: Optional[torch.Tensor] = None) -> None:
         from ..segmentation_metrics import adjusted_rand_index, foreground_ari
         if outputs.dim() != 4:
             raise ValueError(f"object discovery needs (B, S, H, W) slot masks, got {tuple(outputs.shape)}")
         if outputs.shape[-2:] != target.shape[-2:]:
             outputs = F.interpolate(outputs.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
         pred, target = outputs.argmax(1).cpu(), target.cpu().long()
-        self.ari += adjusted_rand_index(target, pred).tolist()
-        self.fg_ari += foreground_ari(target, pred).tolist()
+        ari, fg_ari = adjusted_rand_index(target, pred).tolist(), foreground_ari(target, pred).tolist()
+        self.ari += ari
+        self.fg_ari += fg_ari
         self.n += len(target)
+        self._record(ids, fg_ari=fg_ari, ari=ari)
 
     def running(self) -> Optional[float]:
         return sum(self.fg_ari) / len(self.fg_ari) if self.fg_ari else None

@@ -15,9 +15,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .metrics import MCE_BASELINES, TASK_METRICS, mean_corruption_error
 from .results import read_rows
+from .stats import compare_rows, format_p
 
 FRACTIONS = {"accuracy", "error", "ece", "miou", "pixel_accuracy", "delta1", "ssim"}  # shown in percent
 GROUP_FIELDS = ("benchmark", "model", "data_id", "setting")
+PER_IMAGE_EQUALS_TABLE = {"accuracy", "error", "fg_ari", "ari"}  # means of per-image values, as the tables show
+
+
+def _signed(metric: str, delta: float) -> str:
+    return f"{_scale(metric, delta):+.1f}" if metric in FRACTIONS else f"{delta:+.3f}"
 
 
 def _domain_label(row) -> str:
@@ -132,37 +138,44 @@ class Group:
         return header, body
 
     def summary(self, metric: str) -> List[str]:
-        """One plain sentence per method: its clean and mean-corrupted value against the source model of this
-        group (same model, images and setting), so the outcome is stated, not left to be read off a table."""
+        """One plain sentence per method: its change against the source model of this group on the same images,
+        corrupted domains and clean apart, with a paired 95% interval and an exact sign/McNemar test
+        (tta.bench.stats); "beats" / "falls below" only when the test is significant."""
         source = self.source_method()
         if source is None:
             return []
         higher = dict(TASK_METRICS.get(self.task, [])).get(metric, True)
-
-        def mean_over(method: str, corrupted: bool) -> Optional[float]:
-            values = [r["metrics"].get(metric) for r in self.method_rows[method]
-                      if (r.get("severity") is not None) == corrupted]
-            return None if not values or any(v is None for v in values) else sum(values) / len(values)
-
         lines = []
         for m in self.methods:
             if m == source:
                 continue
             parts = []
-            for corrupted, what in ((True, "corrupted domains (mean)"), (False, "clean")):
-                v, ref = mean_over(m, corrupted), mean_over(source, corrupted)
-                if v is None or ref is None:
-                    continue
-                delta = _scale(metric, v - ref)
-                better = delta if higher else -delta
-                tie = 0.05 if metric in FRACTIONS else 5e-4  # half the last digit shown
-                verdict = "beats" if better > tie else "falls below" if better < -tie else "ties with"
-                parts.append(f"on {what} {_fmt(metric, v)} vs {_fmt(metric, ref)}: {verdict} {source} by "
-                             f"{abs(delta):.1f} points" if metric in FRACTIONS else
-                             f"on {what} {v:.3f} vs {ref:.3f}: {verdict} {source} by {abs(delta):.3f}")
+            for corrupted, what in ((True, "corrupted domains"), (False, "clean")):
+                mine = [r for r in self.method_rows[m] if (r.get("severity") is not None) == corrupted]
+                ref = [r for r in self.method_rows[source] if (r.get("severity") is not None) == corrupted]
+                if mine and ref:
+                    parts.append(self._paired_sentence(what, mine, ref, metric, higher))
             if parts:
-                lines.append(f"- **{m}** {metric}: " + "; ".join(parts) + ".")
+                lines.append(f"- **{m}** {metric} against {source}: " + "; ".join(parts) + ".")
         return lines
+
+    def _paired_sentence(self, what: str, mine: List[dict], ref: List[dict], metric: str, higher: bool) -> str:
+        unit = " points" if metric in FRACTIONS else ""
+        cmp = compare_rows(mine, ref, metric, higher)
+        if cmp is None:  # rows without per-image records: the means, and no claim
+            v = [r["metrics"].get(metric) for r in mine]
+            w = [r["metrics"].get(metric) for r in ref]
+            if any(x is None for x in v + w):
+                return f"on {what}: incomplete"
+            a, b = sum(v) / len(v), sum(w) / len(w)
+            return (f"on {what} {_fmt(metric, a)} vs {_fmt(metric, b)} ({_signed(metric, a - b)}{unit}; not tested: "
+                    f"the rows have no per-image records, rerun them to pair the images)")
+        per_image = "" if metric in PER_IMAGE_EQUALS_TABLE else f" (per-image {metric})"
+        lo, hi = cmp.ci
+        return (f"on {what}{per_image} ({cmp.domains} domain{'s' * (cmp.domains > 1)}, {cmp.n} images) "
+                f"{_fmt(metric, cmp.method_mean)} vs {_fmt(metric, cmp.reference_mean)}, "
+                f"{_signed(metric, cmp.delta)}{unit} [95% CI {_signed(metric, lo)}, {_signed(metric, hi)}], "
+                f"{cmp.wins} better / {cmp.losses} worse, p = {format_p(cmp.p)}: **{cmp.verdict(higher)}**")
 
     def cost(self) -> List[List[str]]:
         out = []
@@ -283,9 +296,13 @@ def write_report(paths: Sequence, out: Optional[str] = None, plots: bool = True)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     groups = group_rows(rows)
     md = [f"# Results: {', '.join(p.name for p in paths)}", "",
-          "Generated by `tta report` from the result rows; do not edit by hand. Values in percent except AbsRel and "
-          "RMSE; `vs source` is the change of the mean against the unadapted model; a mean is left blank unless "
-          "the method has every domain.", ""]
+          "Generated by `tta report` from the result rows; do not edit by hand. Accuracy, ECE, mIoU, pixel accuracy, "
+          "delta1 and SSIM in percent; AbsRel, RMSE, ARI and FG-ARI as they are. In the tables, `vs source` is the "
+          "change of the mean over all domains (clean included) against the unadapted model, and a mean is left "
+          "blank unless the method has every domain. The outcome lines pair each method with the source model "
+          "image by image, corrupted domains and clean apart: the change, its 95% bootstrap interval (images "
+          "resampled within each domain) and an exact two-sided sign test (McNemar's for right/wrong); they say "
+          "\"beats\" or \"falls below\" only at p < 0.05.", ""]
     csv_rows: List[List[str]] = []
     domain_union = list(OrderedDict.fromkeys(d for g in groups for d in g.domains))
     images: List[Path] = []
@@ -295,7 +312,7 @@ def write_report(paths: Sequence, out: Optional[str] = None, plots: bool = True)
         primary_metric = g.rows[0].get("primary_metric", "accuracy")
         summary = g.summary(primary_metric)
         if summary:
-            md += ["**Outcome against the source model** (same model, images and setting):", ""] + summary + [""]
+            md += ["**Outcome against the source model** (same model, setting and images, paired):", ""] + summary + [""]
         for metric, higher in g.metrics():
             header, body = g.table(metric)
             md += [f"**{metric}** ({'higher' if higher else 'lower'} is better)", "", _markdown_table(header, body), ""]

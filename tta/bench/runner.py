@@ -225,7 +225,7 @@ class Runner:
                     # resumed run gives the rows of one uninterrupted process.
                     torch.manual_seed(episode_seed(job.seed, k, batch.index))
                 out, seconds = self._step(adapter, batch.x)
-                meter.update(out, batch.y)
+                meter.update(out, batch.y, batch.ids)
                 model_s += seconds
                 batches += 1
                 curve.append([batches, meter.n, meter.running(), round(model_s, 4)])
@@ -254,7 +254,8 @@ class Runner:
             model_s += seconds
             for k in batch.domain.unique().tolist():
                 sel = batch.domain == k
-                meters[k].update(out[sel.to(out.device)], batch.y[sel])
+                ids = None if batch.ids is None else batch.ids[sel]
+                meters[k].update(out[sel.to(out.device)], batch.y[sel], ids)
                 batches[k] += 1
                 curves[k].append([batch.index + 1, meters[k].n, meters[k].running(), round(model_s, 4)])
             if bar is not None:
@@ -273,6 +274,8 @@ class Runner:
         row.update({
             "guard_events": guard_events or {},  # divergence-guard interventions during this domain
             "task": task, "metrics": meter.compute(), "primary_metric": meter.primary, "n": meter.n,
+            # each image's index in the domain and its outcome, so any two methods on the same images pair up
+            "per_image": meter.per_image() if hasattr(meter, "per_image") else None,
             "n_batches": batches, "steps_per_batch": job.config.get("steps"), "seconds": round(wall_s, 4),
             "seconds_model": round(model_s, 4), "curve": _thin(curve), "domain_info": domain.info,
             "mce_baseline": self.spec.mce_baseline,

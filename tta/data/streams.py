@@ -52,6 +52,7 @@ class StreamBatch:
     domain: torch.Tensor     # (B,) index into the domain list, per example
     reset: bool              # reset the adapter before this batch
     index: int               # batch number within its domain (continual) or within the stream (mixed)
+    ids: Optional[torch.Tensor] = None  # (B,) each example's index in its domain's data set: pairs methods per image
 
 
 class _Tagged(Dataset):
@@ -91,10 +92,12 @@ def iterate_domain(domains: Sequence[Domain], k: int, setting: str, batch_size: 
     if setting == "mixed":
         raise ValueError("the mixed setting has no per-domain streams; use iterate_stream")
     d = domains[k]
-    loader = _loader(d.dataset, domain_order(len(d.dataset), seed, shuffle), batch_size, num_workers)
+    order = domain_order(len(d.dataset), seed, shuffle)
+    loader = _loader(d.dataset, order, batch_size, num_workers)
     for b, (x, y) in enumerate(loader):
         reset = setting == "episodic" or (setting == "reset_per_shift" and b == 0)
-        yield StreamBatch(x, y, torch.full((len(x),), k, dtype=torch.long), reset, b)
+        ids = torch.as_tensor(order[b * batch_size:b * batch_size + len(x)], dtype=torch.long)
+        yield StreamBatch(x, y, torch.full((len(x),), k, dtype=torch.long), reset, b, ids)
 
 
 def iterate_stream(domains: Sequence[Domain], setting: str, batch_size: int, seed: int = 0, shuffle: bool = True,
@@ -108,6 +111,9 @@ def iterate_stream(domains: Sequence[Domain], setting: str, batch_size: int, see
             yield from iterate_domain(domains, k, setting, batch_size, seed, shuffle, num_workers)
         return
     joined = ConcatDataset([_Tagged(d.dataset, k) for k, d in enumerate(domains)])
+    offsets = torch.as_tensor([0] + joined.cumulative_sizes[:-1], dtype=torch.long)
     # Mixed: one permutation over all (domain, image) pairs, so every batch mixes shifts.
-    for b, (x, y, tag) in enumerate(_loader(joined, domain_order(len(joined), seed, shuffle), batch_size, num_workers)):
-        yield StreamBatch(x, y, tag.long(), False, b)
+    order = domain_order(len(joined), seed, shuffle)
+    for b, (x, y, tag) in enumerate(_loader(joined, order, batch_size, num_workers)):
+        ids = torch.as_tensor(order[b * batch_size:b * batch_size + len(x)], dtype=torch.long) - offsets[tag.long()]
+        yield StreamBatch(x, y, tag.long(), False, b, ids)

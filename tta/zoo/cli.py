@@ -11,7 +11,7 @@ def cmd_zoo(args) -> int:
         return 0
     if not args.name:
         raise ValueError(f"tta zoo train needs a member name: {', '.join(list_zoo())}")
-    train(args.name, args.out, args.steps, args.device, args.seed)
+    train(args.name, args.out, args.steps, args.device, args.seed, args.resume)
     return 0
 
 
@@ -23,4 +23,6 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="where to write the checkpoint (default: the package's checkpoint folder)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted training from the state saved beside --out (diffusion judges)")
     p.set_defaults(func=cmd_zoo)

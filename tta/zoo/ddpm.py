@@ -2,6 +2,9 @@
 
 DDPM epsilon prediction over 1000 linear-beta steps, AdamW 1e-3 with 100 warm-up steps and cosine decay, an EMA
 of the weights (what is saved), saved every `save_every` steps so an interrupted run leaves a usable judge.
+With a `state_path`, the whole training state (weights, EMA, optimizer, schedule, the data/noise generator) is
+written there at the same moments, so `resume=True` continues an interrupted run, in a later session or on another
+machine, and ends with the weights the uninterrupted run would have had.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +30,11 @@ def train_ddpm(build_unet: Callable[[], nn.Module], num_examples: int,
                batch: Callable[[torch.Tensor], Tuple[torch.Tensor, object]],
                denoise: Callable[[nn.Module, torch.Tensor, torch.Tensor, object], torch.Tensor],
                save: Callable[[nn.Module, object, Dict], None], steps: int, batch_size: int, seed: int,
-               device: str = "cpu", save_every: int = 250) -> Dict:
+               device: str = "cpu", save_every: int = 250, state_path: Optional[Path] = None,
+               resume: bool = False) -> Dict:
     """`batch(indices) -> (x0 in [-1, 1], condition)`; `denoise(unet, x_t, t, condition) -> predicted noise`;
-    `save(ema_unet, scheduler, training_info)` writes the judge. Seeded: one generator draws indices, t, noise."""
+    `save(ema_unet, scheduler, training_info)` writes the judge. Seeded: one generator draws indices, t, noise.
+    `resume=True` continues from `state_path` when it exists (a run with a different recipe is refused)."""
     from diffusers import DDPMScheduler
     torch.manual_seed(seed)
     unet = build_unet().to(device)
@@ -42,9 +47,16 @@ def train_ddpm(build_unet: Callable[[], nn.Module], num_examples: int,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
+    recipe = {"steps": steps, "batch_size": batch_size, "seed": seed, "num_examples": num_examples}
+    first, running, seconds_before = 1, None, 0.0
+    if resume:
+        if state_path is None:
+            raise ValueError("resume needs a training-state file (state_path)")
+        if Path(state_path).exists():
+            first, running, seconds_before = _load_state(Path(state_path), recipe, unet, ema, opt, sched, gen, device)
+            print(f"resuming from {state_path} at step {first}/{steps}", flush=True)
     start = time.perf_counter()
-    running = None
-    for step in range(1, steps + 1):
+    for step in range(first, steps + 1):
         idx = torch.randint(0, num_examples, (batch_size,), generator=gen)
         x0, cond = batch(idx)
         x0 = x0.to(device)
@@ -62,10 +74,49 @@ def train_ddpm(build_unet: Callable[[], nn.Module], num_examples: int,
                 e.mul_(decay).add_(p, alpha=1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == steps:
-            log_progress(step, steps, start, loss=running)
+            log_progress(step - first + 1, steps - first + 1, start, loss=running)
         if step % save_every == 0 or step == steps:
-            save(ema, scheduler, {"steps_done": step, "steps": steps, "loss_ema": running})
-    return {"steps": steps, "final_loss_ema": running, "seconds": time.perf_counter() - start}
+            seconds = seconds_before + time.perf_counter() - start
+            save(ema, scheduler, {"steps_done": step, "steps": steps, "loss_ema": running,
+                                  "seconds": round(seconds, 1)})
+            if state_path is not None:
+                _save_state(Path(state_path), {
+                    "recipe": recipe, "step": step, "running": running, "seconds": seconds,
+                    "unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                    "schedule": sched.state_dict(), "generator": gen.get_state()})
+    return {"steps": steps, "final_loss_ema": running, "seconds": seconds_before + time.perf_counter() - start}
+
+
+def training_state_path(out: Path) -> Path:
+    """Where a judge's resumable training state lives: beside the judge folder, never inside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".train-state.pt")
+
+
+def _save_state(path: Path, state: Dict) -> None:
+    """Written beside, then renamed over the old state: a crash mid-write leaves the previous state usable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load_state(path: Path, recipe: Dict, unet: nn.Module, ema: nn.Module, opt, sched, gen: torch.Generator,
+                device: str) -> Tuple[int, float, float]:
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which, and how to start over
+        raise ValueError(f"cannot read the training state {str(path)!r} ({err}); delete it to train from the "
+                         f"start") from None
+    if state.get("recipe") != recipe:
+        raise ValueError(f"the training state {str(path)!r} was written by another recipe ({state.get('recipe')}, "
+                         f"this run: {recipe}); resume with the same --steps/--seed, or delete it to start over")
+    unet.load_state_dict(state["unet"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["schedule"])
+    gen.set_state(state["generator"].cpu())
+    return state["step"] + 1, state["running"], state["seconds"]
 
 
 def save_judge_folder(unet: nn.Module, scheduler, out: Path, meta: Dict) -> None:

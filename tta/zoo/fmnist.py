@@ -21,7 +21,8 @@ from .ddpm import log_progress
 from .registry import ZooMember, register_member
 
 MEAN, STD = (0.2860,), (0.3530,)
-JUDGE_SIZE = 16  # the judge works at 16x16: four times cheaper than 32x32, classes still tell apart
+JUDGE_SIZE = 16  # fmnist-judge works at 16x16: four times cheaper than 32x32, classes still tell apart
+NATIVE_JUDGE_SIZE = 32  # fmnist-judge32: the 28x28 images resized to 32x32 (three halvings stay whole)
 
 
 class FashionCNN(nn.Module):
@@ -96,29 +97,39 @@ def train_it3_classifier(out: Path, steps: Optional[int] = None, device: str = "
     return train_classifier(out, steps, device, seed, it3=True)
 
 
-def build_judge_unet():
+def build_judge_unet(size: int = JUDGE_SIZE):
     from diffusers import UNet2DModel
-    return UNet2DModel(sample_size=JUDGE_SIZE, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+    return UNet2DModel(sample_size=size, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
                        layers_per_block=1, down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
                        norm_num_groups=8, num_class_embeds=len(CLASS_NAMES))
 
 
 def train_judge(out: Path, steps: Optional[int] = None, device: str = "cpu", seed: int = 0,
-                batch_size: int = 128, save_every: int = 250) -> dict:
-    """The shared DDPM recipe (tta.zoo.ddpm), 3000 steps of batch 128 by default, class labels as condition."""
+                batch_size: int = 128, save_every: int = 250, resume: bool = False, size: int = JUDGE_SIZE,
+                name: str = "fmnist-judge") -> dict:
+    """The shared DDPM recipe (tta.zoo.ddpm), 3000 steps of batch 128 by default, class labels as condition,
+    on the clean training split only. The training state is kept beside `out` (`<out>.train-state.pt`) so that
+    `resume=True` continues an interrupted run."""
     from ..generative.base import prepare_images
-    from .ddpm import save_judge_folder, train_ddpm
+    from .ddpm import save_judge_folder, train_ddpm, training_state_path
     x, y = load_fashion_mnist("train")
-    x = prepare_images(x, (JUDGE_SIZE, JUDGE_SIZE), 1)  # the judge's own preprocessing, done once
-    meta = {"kind": "pixel-unet", "class_names": list(CLASS_NAMES), "data": "Fashion-MNIST train, 16x16",
-            "recipe": "tta zoo train fmnist-judge"}
+    x = prepare_images(x, (size, size), 1)  # the judge's own preprocessing, done once
+    meta = {"kind": "pixel-unet", "class_names": list(CLASS_NAMES), "data": f"Fashion-MNIST train, {size}x{size}",
+            "recipe": f"tta zoo train {name}"}
     metrics = train_ddpm(
-        build_judge_unet, len(x), lambda idx: (x[idx], y[idx].to(device)),
+        lambda: build_judge_unet(size), len(x), lambda idx: (x[idx], y[idx].to(device)),
         lambda unet, x_t, t, labels: unet(x_t, t, class_labels=labels).sample,
         lambda ema, scheduler, info: save_judge_folder(ema, scheduler, out, {**meta, "training": info}),
-        steps or 3000, batch_size, seed, device, save_every)
+        steps or 3000, batch_size, seed, device, save_every, training_state_path(out), resume)
     print(json.dumps(metrics))
     return metrics
+
+
+def train_native_judge(out: Path, steps: Optional[int] = None, device: str = "cpu", seed: int = 0,
+                       resume: bool = False) -> dict:
+    """fmnist-judge's recipe unchanged (same UNet, steps, batch, seed) at 32x32 instead of 16x16: the only
+    difference between the two judges is the resolution they see."""
+    return train_judge(out, steps, device, seed, resume=resume, size=NATIVE_JUDGE_SIZE, name="fmnist-judge32")
 
 
 register_member(ZooMember("fmnist-cnn", "Fashion-MNIST CNN with batch norm (28x28 grey, 10 classes)",
@@ -127,3 +138,5 @@ register_member(ZooMember("fmnist-it3", "the same CNN trained as IT3's f(x, y), 
                           train_it3_classifier, load_it3_classifier, "fmnist-it3.pt"))
 register_member(ZooMember("fmnist-judge", "class-conditional pixel diffusion judge for Fashion-MNIST (16x16)",
                           train_judge, None, "fmnist-judge"))
+register_member(ZooMember("fmnist-judge32", "the same judge recipe at native resolution (28x28 resized to 32x32)",
+                          train_native_judge, None, "fmnist-judge32"))

@@ -1,6 +1,7 @@
 """Zoo bookkeeping: member name -> (builder, trainer), checkpoint location, the `zoo:` model source."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -35,9 +36,13 @@ def list_zoo() -> List[str]:
 
 
 def train(name: str, out: Optional[Path] = None, steps: Optional[int] = None, device: str = "cpu",
-          seed: int = 0) -> dict:
+          seed: int = 0, resume: bool = False) -> dict:
     member = ZOO.get(name)
-    return member.train(Path(out) if out else checkpoint_path(name), steps=steps, device=device, seed=seed)
+    kwargs = {"resume": True} if resume else {}
+    if resume and "resume" not in inspect.signature(member.train).parameters:
+        raise ValueError(f"zoo member {name!r} trains in minutes and cannot resume; run it without --resume")
+    return member.train(Path(out) if out else checkpoint_path(name), steps=steps, device=device, seed=seed,
+                        **kwargs)
 
 
 @MODEL_SOURCES.register("zoo")
