@@ -32,6 +32,8 @@ class DataConfig:
     clean: bool = False                    # also evaluate the uncorrupted images (for on-the-fly kinds)
     cache: Optional[str] = None            # folder for on-the-fly corruptions (ImageNet-C layout)
     corruption_seed: int = 0
+    part: Optional[str] = None             # "evaluation" | "held_out": one of two disjoint seeded halves of each
+                                           # class, so settings are chosen on images that are never reported
     per_class: Optional[int] = None        # seeded per-class subsample (the papers use 3-5 images per class)
     max_images: Optional[int] = None       # seeded random subset of at most this many images per domain
     subsample_seed: int = 0
@@ -104,15 +106,22 @@ def build_domains(cfg: DataConfig, ctx: BuildContext) -> List[Domain]:
     return [_subsample(d, cfg, ctx.limit) for d in domains]
 
 
+PARTS = ("evaluation", "held_out")
+
+
 def _subsample(domain: Domain, cfg: DataConfig, limit: Optional[int]) -> Domain:
     n = len(domain.dataset)
     idx = list(range(n))
-    if cfg.per_class is not None:
+    if cfg.part is not None or cfg.per_class is not None:
         labels = labels_of(domain.dataset)
         if labels is None:
-            raise ValueError(f"data kind {cfg.kind!r} has no per-image class labels, so per_class cannot apply; "
+            raise ValueError(f"data kind {cfg.kind!r} has no per-image class labels, so part/per_class cannot apply; "
                              "use max_images instead")
-        idx = per_class_indices(labels, cfg.per_class, cfg.subsample_seed)
+        if cfg.part is not None:
+            idx = half_of_each_class(labels, cfg.part, cfg.subsample_seed)
+        if cfg.per_class is not None:
+            chosen = per_class_indices([labels[i] for i in idx], cfg.per_class, cfg.subsample_seed)
+            idx = [idx[j] for j in chosen]
     caps = [c for c in (cfg.max_images, limit) if c is not None]
     if caps and min(caps) < len(idx):
         rng = np.random.default_rng(cfg.subsample_seed)
@@ -120,6 +129,21 @@ def _subsample(domain: Domain, cfg: DataConfig, limit: Optional[int]) -> Domain:
     if len(idx) == n:
         return domain
     return dataclasses.replace(domain, dataset=Subset(domain.dataset, idx))
+
+
+def half_of_each_class(labels, part: str, seed: int = 0) -> List[int]:
+    """The images of one of two disjoint halves of every class (a seeded draw; the evaluation half takes the
+    larger half of an odd class), in their original order."""
+    if part not in PARTS:
+        raise ValueError(f"data.part must be one of {', '.join(PARTS)}, got {part!r}")
+    rng = np.random.default_rng([seed, 2])  # its own stream: the halves do not depend on per_class draws
+    keep: List[int] = []
+    for label in sorted({int(v) for v in labels if int(v) >= 0}):
+        members = [i for i, v in enumerate(labels) if int(v) == label]
+        shuffled = [members[j] for j in rng.permutation(len(members))]
+        half = -(-len(members) // 2)
+        keep += shuffled[:half] if part == "evaluation" else shuffled[half:]
+    return sorted(keep)
 
 
 def with_corruptions(base: Dataset, cfg: DataConfig, source: str, input_size, name: str = "clean",
