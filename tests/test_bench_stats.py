@@ -93,3 +93,37 @@ def test_runs_store_per_image_records_that_pair_in_the_report(tmp_path):
     md = write_report([out], plots=False)["markdown"][0].read_text()
     assert md.count("**norm** accuracy against source: on corrupted domains (1 domain, 10 images)") == 2
     assert "not tested" not in md
+
+
+def test_evaluation_and_held_out_parts_are_disjoint_halves_of_every_class():
+    from tta.bench.datasets import half_of_each_class
+    labels = [i % 3 for i in range(31)]
+    ev, ho = half_of_each_class(labels, "evaluation", 0), half_of_each_class(labels, "held_out", 0)
+    assert not set(ev) & set(ho) and sorted(ev + ho) == list(range(31))
+    for c in range(3):
+        n = labels.count(c)
+        assert sum(labels[i] == c for i in ev) == -(-n // 2)
+    assert half_of_each_class(labels, "evaluation", 1) != ev  # seeded
+    with pytest.raises(ValueError, match="evaluation, held_out"):
+        half_of_each_class(labels, "test", 0)
+
+
+def test_the_evidence_specs_never_share_images_or_corruptions():
+    from pathlib import Path
+    from tta.bench.spec import load_spec
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    report, held = load_spec(root / "evidence.yaml"), load_spec(root / "evidence-heldout.yaml")
+    assert (report.data.part, held.data.part) == ("evaluation", "held_out")
+    assert report.data.subsample_seed == held.data.subsample_seed
+    assert not set(report.data.corruption_list()) & set(held.data.corruption_list())
+    assert len(report.data.corruption_list()) >= 6 and report.data.per_class * 10 >= 200
+
+
+def test_reports_state_the_command_that_made_them(tmp_path):
+    from tta.cli import main
+    out = tmp_path / "r.jsonl"
+    from tta.bench.results import append_row
+    for r in (row("source", "fog", [1, 0]), row("a", "fog", [1, 1])):
+        append_row(out, r)
+    assert main(["report", str(out), "--no-plots"]) == 0
+    assert f"Command: `tta report {out} --no-plots`" in (tmp_path / "r.md").read_text()

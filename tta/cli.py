@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import sys
 import time
 from typing import Dict, List, Optional
@@ -166,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["tta", *argv])  # reports state the command that produced them
     try:
         return args.func(args)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as err:

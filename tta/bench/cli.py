@@ -32,14 +32,15 @@ def cmd_bench(args) -> int:
         print(f"{spec.name}: {summary['written']} row(s) written, {summary['skipped']} already present -> {out}")
     if args.report:
         from .report import write_report
-        made = write_report([out])
+        made = write_report([out], command=getattr(args, "command_line", None))
         print(f"report: {made['markdown'][0]}")
     return 0
 
 
 def cmd_report(args) -> int:
     from .report import write_report
-    made = write_report([args.results], out=args.out, plots=not args.no_plots)
+    made = write_report([args.results], out=args.out, plots=not args.no_plots,
+                        command=getattr(args, "command_line", None))
     for kind in ("markdown", "csv", "plots"):
         for p in made[kind]:
             print(p)
@@ -49,7 +50,7 @@ def cmd_report(args) -> int:
 def cmd_compare(args) -> int:
     from .report import write_report
     out = args.out or str(Path(args.results[0]).parent / "compare")
-    made = write_report(args.results, out=out, plots=not args.no_plots)
+    made = write_report(args.results, out=out, plots=not args.no_plots, command=getattr(args, "command_line", None))
     for kind in ("markdown", "csv", "plots"):
         for p in made[kind]:
             print(p)
