@@ -11,6 +11,7 @@ If the shifted judge is accurate and Diffusion-TTA does not move toward it, the 
 
     python benchmarks/diagnostics/shifted_judge.py            # ~25 min on one CPU thread
 Writes results/diagnostic-shifted-judge.md; the fine-tuned judge goes to runs/ (resumable, not committed).
+Fine-tuning reads the full training split (`apt-get install -y dataset-fashion-mnist`, or torchvision online).
 """
 from __future__ import annotations
 

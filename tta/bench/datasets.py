@@ -137,9 +137,13 @@ def half_of_each_class(labels, part: str, seed: int = 0) -> List[int]:
     if part not in PARTS:
         raise ValueError(f"data.part must be one of {', '.join(PARTS)}, got {part!r}")
     rng = np.random.default_rng([seed, 2])  # its own stream: the halves do not depend on per_class draws
+    by_class: Dict[int, List[int]] = {}
+    for i, v in enumerate(labels):  # one pass: ImageNet's 1,000 classes need no scan per class
+        if int(v) >= 0:
+            by_class.setdefault(int(v), []).append(i)
     keep: List[int] = []
-    for label in sorted({int(v) for v in labels if int(v) >= 0}):
-        members = [i for i, v in enumerate(labels) if int(v) == label]
+    for label in sorted(by_class):
+        members = by_class[label]
         shuffled = [members[j] for j in rng.permutation(len(members))]
         half = -(-len(members) // 2)
         keep += shuffled[:half] if part == "evaluation" else shuffled[half:]

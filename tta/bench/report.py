@@ -175,7 +175,7 @@ class Group:
         return (f"on {what}{per_image} ({cmp.domains} domain{'s' * (cmp.domains > 1)}, {cmp.n} images) "
                 f"{_fmt(metric, cmp.method_mean)} vs {_fmt(metric, cmp.reference_mean)}, "
                 f"{_signed(metric, cmp.delta)}{unit} [95% CI {_signed(metric, lo)}, {_signed(metric, hi)}], "
-                f"{cmp.wins} better / {cmp.losses} worse, p = {format_p(cmp.p)}: **{cmp.verdict(higher)}**")
+                f"{cmp.wins} better / {cmp.losses} worse, {format_p(cmp.p)}: **{cmp.verdict(higher)}**")
 
     def cost(self) -> List[List[str]]:
         out = []

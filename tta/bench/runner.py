@@ -275,7 +275,7 @@ class Runner:
             "guard_events": guard_events or {},  # divergence-guard interventions during this domain
             "task": task, "metrics": meter.compute(), "primary_metric": meter.primary, "n": meter.n,
             # each image's index in the domain and its outcome, so any two methods on the same images pair up
-            "per_image": meter.per_image() if hasattr(meter, "per_image") else None,
+            "per_image": meter.per_image(),
             "n_batches": batches, "steps_per_batch": job.config.get("steps"), "seconds": round(wall_s, 4),
             "seconds_model": round(model_s, 4), "curve": _thin(curve), "domain_info": domain.info,
             "mce_baseline": self.spec.mce_baseline,
