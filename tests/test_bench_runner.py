@@ -78,6 +78,7 @@ def test_rows_cover_every_job_and_domain(tiny_weights, tmp_path):
     r = rows[0]
     for field in ("metrics", "config", "device", "versions", "git", "seconds", "seconds_model", "curve"):
         assert field in r
+    assert r["threads"] == torch.get_num_threads()  # the thread count behind every timing
     assert r["n"] == 8 and r["metrics"]["n_labelled"] == 8
     by = {(x["method"], x["setting"], x["domain"]): x for x in rows}
     # source does not depend on the setting; tent in the episodic setting never keeps its updates

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .threads import add_threads_option, configure_threads
 
 def parse_assignments(pairs: List[str]) -> Dict[str, object]:
     """`key=value` pairs from --set; values are read as numbers or YAML (true, [1, 2], strings)."""
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="what to do with unreadable images")
+    add_threads_option(p)
     p.set_defaults(func=cmd_run)
 
     # Subcommands that live with their subsystem.
@@ -171,6 +173,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["tta", *argv])  # reports state the command that produced them
     try:
+        if hasattr(args, "threads"):  # commands that compute: set before any model or data is touched
+            configure_threads(args.threads)
         return args.func(args)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

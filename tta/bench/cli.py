@@ -60,6 +60,8 @@ def cmd_compare(args) -> int:
 def register(subparsers) -> None:
     """Add `bench`, `report` and `compare` to an argparse subparsers object."""
     import torch
+
+    from ..threads import add_threads_option
     p = subparsers.add_parser("bench", help="run a benchmark file; resumes: rows already in --out are skipped")
     p.add_argument("benchmark", help="a benchmark YAML file, e.g. benchmarks/imagenet-c.yaml")
     p.add_argument("--methods", action="append", metavar="LABEL[,LABEL]", help="run only these methods (labels)")
@@ -72,6 +74,7 @@ def register(subparsers) -> None:
     p.add_argument("--num-workers", type=int, help="data loader worker processes (default: the file's num_workers)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--report", action="store_true", help="write the report next to the results when done")
+    add_threads_option(p)
     p.set_defaults(func=cmd_bench)
 
     p = subparsers.add_parser("report", help="markdown/CSV tables and plots from a results file")

@@ -119,7 +119,7 @@ class Runner:
         self.data_id = f"{spec.data.kind}:{config_id(self.data)}"
         self.model_id = model_id(spec)
         self.provenance = {"device": device_description(str(self.device)), "versions": package_versions(),
-                           "git": git_revision()}
+                           "git": git_revision(), "threads": torch.get_num_threads()}
 
     # ---- keys ----------------------------------------------------------------------------------------------
     def _row_base(self, job: Job, domain: Domain) -> Dict[str, Any]:
