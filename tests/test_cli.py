@@ -21,6 +21,11 @@ def test_list_models(capsys):
     assert "timm:" in capsys.readouterr().out
     assert main(["list", "models", "timm:test_res*"]) == 0
     assert "timm:test_resnet" in capsys.readouterr().out
+    assert main(["list", "models", "zoo:*"]) == 0
+    zoo = capsys.readouterr().out.split()
+    assert "zoo:fmnist-cnn" in zoo and "zoo:fmnist-judge" not in zoo  # models only: judges are not models
+    assert main(["list", "models", "smp:*"]) == 2
+    assert "cannot list its models" in capsys.readouterr().err
 
 
 def test_run_on_a_folder_of_images(tmp_path, capsys):

@@ -6,7 +6,7 @@ inside the builders, so `import tta` needs only torch.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -168,14 +168,38 @@ def create_model(spec: str, pretrained: bool = True, weights=None, **kwargs) -> 
     return MODEL_SOURCES.get(source)(name, pretrained=pretrained, weights=weights, **kwargs).eval()
 
 
+# source -> function listing that source's model names matching an fnmatch pattern; sources that know their
+# members register one (the zoo does, from tta/zoo/registry.py, so this module need not import the zoo)
+MODEL_LISTERS: Dict[str, Callable[[str], List[str]]] = {}
+
+
+def _timm_names(pattern: str) -> List[str]:
+    import timm
+    return timm.list_models(pattern)
+
+
+def _torchvision_names(pattern: str) -> List[str]:
+    import fnmatch
+    import torchvision
+    return [n for n in torchvision.models.list_models() if fnmatch.fnmatch(n, pattern)]
+
+
+def _open_clip_names(pattern: str) -> List[str]:
+    import fnmatch
+    import open_clip
+    names = (f"{arch}@{tag}" for arch, tag in open_clip.list_pretrained())
+    return [n for n in names if fnmatch.fnmatch(n, pattern)]
+
+
+MODEL_LISTERS.update(timm=_timm_names, tv=_torchvision_names, clip=_open_clip_names)
+
+
 def list_models(pattern: str = "*") -> List[str]:
-    """Model sources, or with `timm:<pattern>` / `tv:<pattern>` the architectures those libraries offer."""
+    """Model sources, or with `<source>:<pattern>` the models of a source that can list them (timm, tv, zoo)."""
     source, sep, rest = pattern.partition(":")
-    if sep and source == "timm":
-        import timm
-        return [f"timm:{n}" for n in timm.list_models(rest or "*")]
-    if sep and source == "tv":
-        import fnmatch
-        import torchvision
-        return [f"tv:{n}" for n in torchvision.models.list_models() if fnmatch.fnmatch(n, rest or "*")]
+    if sep and source in MODEL_LISTERS:
+        return [f"{source}:{n}" for n in MODEL_LISTERS[source](rest or "*")]
+    if sep:
+        raise ValueError(f"the {source!r} source cannot list its models; sources that can: "
+                         f"{', '.join(sorted(MODEL_LISTERS))}")
     return [f"{s}:" for s in MODEL_SOURCES.names(pattern)]

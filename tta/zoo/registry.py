@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from ..models.sources import MODEL_SOURCES
+from ..models.sources import MODEL_LISTERS, MODEL_SOURCES
 from ..registry import Registry
 
 ZOO = Registry("zoo model")
@@ -43,6 +43,15 @@ def train(name: str, out: Optional[Path] = None, steps: Optional[int] = None, de
         raise ValueError(f"zoo member {name!r} trains in minutes and cannot resume; run it without --resume")
     return member.train(Path(out) if out else checkpoint_path(name), steps=steps, device=device, seed=seed,
                         **kwargs)
+
+
+def _zoo_model_names(pattern: str) -> List[str]:
+    """Zoo members that are discriminative models (`zoo:<name>`), not judges."""
+    import fnmatch
+    return [n for n in ZOO.names() if ZOO.get(n).load is not None and fnmatch.fnmatch(n, pattern)]
+
+
+MODEL_LISTERS["zoo"] = _zoo_model_names
 
 
 @MODEL_SOURCES.register("zoo")
