@@ -1,5 +1,5 @@
 """Reports generated from result rows, never typed: markdown and CSV tables (method x domain, mean, change
-against the source model, mCE) and plots (per-domain bars; accuracy against adaptation steps and against wall
+against the source model, mCE) and plots (per-domain bars; running accuracy against batches seen and against wall
 time), written next to the results.
 
     tta report results/imagenet-c.jsonl        -> results/imagenet-c.md, .csv, imagenet-c-*.png
@@ -210,48 +210,81 @@ def _plt():
 
 
 def _save(fig, ax, group: Group, path: Path) -> Path:
-    ax.set_title(group.title, fontsize=8)
-    ax.legend(fontsize=7)
+    """Title above, legend outside the data (right), saved at a size a README shows without zooming."""
+    ax.set_title(group.title, fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     _plt().close(fig)
     return path
 
 
+def _corrupted_mean(group: Group, method: str, metric: str) -> Optional[float]:
+    """Mean over the shifted domains (rows with a severity), None unless the method has all of them."""
+    shifted = [d for d in group.domains if any(_domain_label(r) == d and r.get("severity") is not None
+                                               for r in group.rows)]
+    values = [group.value(method, d, metric) for d in shifted]
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
+
+
 def plot_domains(group: Group, metric: str, path: Path) -> Path:
+    """One bar per method and domain, plus the mean over the shifted domains (labelled with its value)."""
     plt = _plt()
     import numpy as np
-    x = np.arange(len(group.domains))
+    means = {m: _corrupted_mean(group, m, metric) for m in group.methods}
+    domains = list(group.domains) + (["mean (shifted)"] if any(v is not None for v in means.values()) else [])
+    x = np.arange(len(domains))
     width = 0.8 / max(1, len(group.methods))
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(group.domains) * max(1, len(group.methods)) / 2 + 3), 4))
+    fig, ax = plt.subplots(figsize=(min(14.0, 3.0 + 0.55 * len(domains) * max(1.5, len(group.methods) / 2)), 4.2))
     for i, m in enumerate(group.methods):
         vals = [_scale(metric, group.value(m, d, metric)) for d in group.domains]
-        ax.bar(x + i * width - 0.4 + width / 2, [v if v is not None else 0 for v in vals], width, label=m)
+        if len(domains) > len(group.domains):
+            vals.append(_scale(metric, means[m]))
+        bars = ax.bar(x + i * width - 0.4 + width / 2, [v if v is not None else 0 for v in vals], width, label=m)
+        if means[m] is not None and len(domains) > len(group.domains):
+            last = bars.patches[-1]
+            ax.annotate(f"{vals[-1]:.1f}", (last.get_x() + last.get_width() / 2, last.get_height()),
+                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=8,
+                        rotation=90)
+    if len(domains) > len(group.domains):
+        ax.axvline(len(group.domains) - 0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks(x)
-    ax.set_xticklabels(group.domains, rotation=45, ha="right", fontsize=8)
+    ax.set_xticklabels(domains, rotation=35, ha="right", fontsize=9)
     ax.set_ylabel(metric + (" (%)" if metric in FRACTIONS else ""))
+    ax.margins(y=0.12)
     return _save(fig, ax, group, path)
 
 
 def plot_steps(group: Group, path: Path) -> Path:
-    """Running value of the primary metric against adaptation steps (batches x steps per batch), averaged
-    over domains up to the shortest domain."""
+    """Running value of the primary metric against the batches seen (one x axis for every method, whatever its
+    steps per batch), averaged over domains up to the shortest domain. Each method gets its own dash and
+    marker, so methods with identical curves stay visible."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from matplotlib.ticker import MaxNLocator
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     metric = group.rows[0].get("primary_metric", "accuracy")
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "v", "D", "x", "+", "*"]
+    lines = []
     for m in group.methods:
         curves = [r["curve"] for r in group.method_rows[m] if r.get("curve")]
         if not curves:
             continue
-        steps = group.method_rows[m][0].get("steps_per_batch") or 1
         length = min(len(c) for c in curves)
-        xs = [curves[0][i][0] * steps for i in range(length)]
+        xs = [curves[0][i][0] for i in range(length)]
         ys = []
         for i in range(length):
             vals = [c[i][2] for c in curves if c[i][2] is not None]
             ys.append(_scale(metric, sum(vals) / len(vals)) if vals else float("nan"))
-        ax.plot(xs, ys, marker=".", label=m)
-    ax.set_xlabel("adaptation steps (batches x steps per batch)")
+        lines.append((m, xs, ys))
+    for i, (m, xs, ys) in enumerate(lines):
+        ax.plot(xs, ys, ls=styles[i % len(styles)], marker=markers[i % len(markers)], markersize=4,
+                markevery=max(1, len(xs) // 12), label=m)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("batches seen")
     ax.set_ylabel(f"running {metric}" + (" (%)" if metric in FRACTIONS else "") + ", mean over domains")
     return _save(fig, ax, group, path)
 
@@ -259,21 +292,20 @@ def plot_steps(group: Group, path: Path) -> Path:
 def plot_time(group: Group, path: Path) -> Path:
     """Mean primary metric over domains against the model's total wall time (adaptation + prediction)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     metric = group.rows[0].get("primary_metric", "accuracy")
     for cost, m in zip(group.cost(), group.methods):
         mean = group.mean(m, metric)
         if mean is not None:
-            ax.scatter([float(cost[3])], [_scale(metric, mean)], label=m)
-            ax.annotate(m, (float(cost[3]), _scale(metric, mean)), fontsize=7)
+            ax.scatter([float(cost[3])], [_scale(metric, mean)], label=m, s=40)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # "2", not "2x10^0"
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("model wall time, s (log scale)")
-    ax.set_ylabel(f"mean {metric}" + (" (%)" if metric in FRACTIONS else ""))
-    ax.set_title(group.title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    ax.set_ylabel(f"mean {metric}" + (" (%)" if metric in FRACTIONS else "") + ", all domains")
+    ax.margins(x=0.15, y=0.15)
+    return _save(fig, ax, group, path)
 
 
 # ---- the report ----------------------------------------------------------------------------------------------
