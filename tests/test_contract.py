@@ -167,6 +167,11 @@ def test_every_adapter_resets_exactly_and_isolates_episodes(name):
     source = copy.deepcopy(model.state_dict())
     adapter = tta.create_adapter(name, model, **config)
     adapted = set(adapter.adapted_names)
+    # Diffusion-TTA's default (the official DiT setting) also adapts its judge, named "backend.<name>".
+    judge = getattr(adapter, "backend", None)
+    judge_adapted = {f"backend.{n}" for n, p in judge.named_parameters() if p.requires_grad} if judge else set()
+    assert judge_adapted <= adapted
+    adapted -= judge_adapted
     assert {n for n, p in model.named_parameters() if p.requires_grad} == adapted
     out = adapter(batch)
     assert torch.isfinite(out).all()

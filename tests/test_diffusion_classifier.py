@@ -70,7 +70,7 @@ def test_picks_the_bayes_optimal_class():
 @pytest.mark.parametrize("preset", ["cifar10", "food"])
 def test_adaptive_pruning_agrees_with_exhaustive_scoring(preset):
     judge, images, bayes = gaussian_problem(k=25, s=0.1, seed=1)
-    keep, samples = PRUNING_PRESETS[preset]
+    samples = PRUNING_PRESETS[preset].samples
     exhaustive = DiffusionClassifier(judge, samples=(max(samples),), seed=0, micro_batch=1000)(images).argmax(1)
     adaptive = DiffusionClassifier(judge, preset=preset, seed=0, micro_batch=1000)(images).argmax(1)
     assert torch.equal(adaptive, exhaustive) and torch.equal(adaptive, bayes)

@@ -41,10 +41,12 @@ def expected_params(adapt, model):
         return {n for n, _ in model.named_parameters()}
     if adapt == "norm":
         return {f"{ln}.{pn}" for ln, layer in norm_layers(model) for pn, _ in layer.named_parameters()}
+    if adapt == "all_but_last":  # the official default: every layer but the classification layer
+        return {n for n, _ in model.named_parameters()} - {"net.head.3.weight", "net.head.3.bias"}
     return {"net.head.3.weight", "net.head.3.bias"}  # the classification layer of conftest's TinyNet
 
 
-@pytest.mark.parametrize("adapt", ["all", "norm", "last"])
+@pytest.mark.parametrize("adapt", ["all_but_last", "all", "norm", "last"])
 @pytest.mark.parametrize("adapt_backend", [False, True])
 def test_gradients_reach_exactly_what_adapts(pixel_judge, images, adapt, adapt_backend):
     model = tiny_model()
@@ -68,8 +70,9 @@ def test_one_step_equals_the_papers_loss(pixel_judge, images):
     model = tiny_model()
     source = copy.deepcopy(model).eval()  # Diffusion-TTA keeps batch-norm on its running statistics
     lr, pairs, seed = 0.5, 6, 7
+    # The reference below updates every classifier weight and keeps the judge fixed: say so, not the defaults.
     adapter = tta.create_adapter("diffusion_tta", model, backend=pixel_judge, steps=1, pairs=pairs, micro_batch=4,
-                                 lr=lr, seed=seed, episodic=False)
+                                 lr=lr, seed=seed, episodic=False, adapt="all", adapt_backend=False)
     adapter(images)
 
     unet = copy.deepcopy(adapter.backend.unet)
@@ -183,7 +186,8 @@ def test_depth_with_a_map_judge(tmp_path):
     torch.manual_seed(0)
     model = tta.wrap_model(TinyDepth(), input_size=(3, 24, 24), task="depth")
     judge = save_map_judge(tmp_path / "depth", map_channels=1, size=16, map_kind="depth", map_range=[0.0, 5.0])
-    adapter = tta.create_adapter("diffusion_tta", model, backend=judge, episodic=False, lr=0.5, **FAST)
+    # adapt="all": the check below is that every layer's weights move, the last one included
+    adapter = tta.create_adapter("diffusion_tta", model, backend=judge, episodic=False, lr=0.5, adapt="all", **FAST)
     before = copy.deepcopy(model.state_dict())
     out = adapter(torch.rand(2, 3, 24, 24))
     assert out.shape == (2, 1, 24, 24)
@@ -224,7 +228,8 @@ def test_clip_zero_shot_with_a_text_conditioned_judge(tiny_clip, sd_judge):
 
 def test_clip_lora_adapts_only_the_low_rank_updates(tiny_clip, sd_judge):
     model = tiny_clip()
-    adapter = tta.create_adapter("diffusion_tta", model, backend=sd_judge, adapt="lora", lora_rank=2, **FAST)
+    adapter = tta.create_adapter("diffusion_tta", model, backend=sd_judge, adapt="lora", lora_rank=2,
+                                 preset="official-sd", **FAST)  # the CLIP setting: the judge stays fixed
     assert adapter.adapted_names and all(n.startswith("lora.") for n in adapter.adapted_names)
     for b in adapter.lora.updates[0].B:
         b.data.normal_()  # B starts at zero, where A gets no gradient
@@ -239,7 +244,8 @@ def test_clip_lora_per_example_equals_separate_runs_of_one_image(tiny_clip, sd_j
     """LoRA with per_example: every image adapts its own copy of the low-rank updates, as its own batch-1 run does
     (the paper's CLIP setting, several images at once)."""
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    options = {"adapt": "lora", "lora_rank": 2, "steps": 2, "pairs": 4, "micro_batch": 4, "lr": 0.5}
+    options = {"adapt": "lora", "lora_rank": 2, "steps": 2, "pairs": 4, "micro_batch": 4, "lr": 0.5,
+               "preset": "official-sd"}
 
     def adapter(**extra):
         a = tta.create_adapter("diffusion_tta", tiny_clip(), backend=sd_judge, **options, **extra)
@@ -262,7 +268,7 @@ def test_clip_lora_per_example_equals_separate_runs_of_one_image(tiny_clip, sd_j
 
 def test_clip_last_layer_is_the_image_projection(tiny_clip, sd_judge):
     model = tiny_clip()
-    adapter = tta.create_adapter("diffusion_tta", model, backend=sd_judge, adapt="last", **FAST)
+    adapter = tta.create_adapter("diffusion_tta", model, backend=sd_judge, adapt="last", preset="official-sd", **FAST)
     assert adapter.adapted_names == ["net.visual.proj"]
 
 

@@ -14,7 +14,9 @@ from test_generative import save_pixel_judge
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
-STEP = {"seed": 0, "pairs": 12, "micro_batch": 5}
+# The fast paths are compared on every classifier weight with the judge fixed (not the official defaults, which also
+# adapt the judge and leave the last layer out): the comparisons read every classifier parameter's gradient.
+STEP = {"seed": 0, "pairs": 12, "micro_batch": 5, "adapt": "all", "preset": "classifier-only"}
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +168,8 @@ def test_per_example_batch_equals_separate_runs_of_one_image(judge, fixed_draws)
     (t, eps) draws (a fake sample_pairs hands every run its images' rows of fixed per-step draws)."""
     state, steps, pairs = fixed_draws, 2, 6
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    options = {"steps": steps, "pairs": pairs, "micro_batch": 4, "lr": 0.5}  # a large lr: predictions move
+    # a large lr: predictions move; per_example needs the judge fixed (preset classifier-only)
+    options = {"steps": steps, "pairs": pairs, "micro_batch": 4, "lr": 0.5, "preset": "classifier-only"}
     model = tiny_classifier()
     source = {k: v.clone() for k, v in model.state_dict().items()}
     together = tta.create_adapter("diffusion_tta", model, backend=judge, per_example=True, **options)(x)
@@ -209,7 +212,9 @@ def test_per_example_guards_every_image_as_its_own_run_would(judge, fixed_draws,
     state = fixed_draws
     gen = torch.Generator().manual_seed(3)
     x = torch.cat([0.5 * torch.rand(1, 3, 16, 16, generator=gen), 0.5 + 0.5 * torch.rand(2, 3, 16, 16, generator=gen)])
-    options = {"steps": 2, "pairs": 6, "micro_batch": 4, "lr": 0.5 if case == "nonfinite_gradient" else 1e9}
+    # adapt="all": c is held by a module with children, which the default all_but_last leaves fixed
+    options = {"steps": 2, "pairs": 6, "micro_batch": 4, "lr": 0.5 if case == "nonfinite_gradient" else 1e9,
+               "adapt": "all", "preset": "classifier-only"}
     together = tta.create_adapter("diffusion_tta", GatedClassifier(), backend=judge, per_example=True, **options)
     out = together(x)
     alone, events = [], {}

@@ -37,12 +37,17 @@ def tiny_classifier(num_classes=5, seed=0):
                          nn.Flatten(), nn.Linear(16, num_classes))
 
 
+# What the naive loop does: every classifier weight adapts, the judge stays fixed.
+NAIVE_SETTING = {"adapt": "all", "preset": "classifier-only"}
+
+
 @pytest.mark.parametrize("batch,pairs,micro_batch", [(1, 30, 15), (2, 23, 7)])
 def test_same_loss_and_gradients(judge, perf, batch, pairs, micro_batch):
     model = tiny_classifier()
     source = copy.deepcopy(model)
     x = torch.rand(batch, 3, 20, 20, generator=torch.Generator().manual_seed(1))
-    adapter = tta.create_adapter("diffusion_tta", model, backend=judge, seed=0, pairs=pairs, micro_batch=micro_batch)
+    adapter = tta.create_adapter("diffusion_tta", model, backend=judge, seed=0, pairs=pairs, micro_batch=micro_batch,
+                                 **NAIVE_SETTING)
     with torch.enable_grad():
         adapter.compute_gradients(x)
     project = {n: p.grad.clone() for n, p in adapter.model.named_parameters()}
@@ -61,7 +66,7 @@ def test_same_adaptation_over_steps(judge, perf):
     source = copy.deepcopy(model)
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     adapter = tta.create_adapter("diffusion_tta", model, backend=judge, seed=0, steps=2, pairs=14, micro_batch=6,
-                                 episodic=False, lr=0.05)
+                                 episodic=False, lr=0.05, **NAIVE_SETTING)
     losses = []
     step = adapter.forward_and_adapt
 

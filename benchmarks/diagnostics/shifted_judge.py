@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
+# The diagnostic studies the gradient every classifier weight gets from a fixed judge, the setting of its recorded
+# runs (Diffusion-TTA's defaults, the official DiT setting, also adapt the judge and leave the last layer out).
+CLASSIFIER_GRADIENT = {"adapt": "all", "preset": "classifier-only"}
 
 
 def finetune_judge(out: Path, corruption: str, steps: int, images: int, seed: int) -> None:
@@ -79,7 +82,7 @@ def dtta_trajectory(judge: str, x: torch.Tensor, y: torch.Tensor, steps: int, lr
     same as one episodic call with `steps` steps) and the relative update size after the last step."""
     import tta
     adapter = tta.create_adapter("diffusion_tta", tta.create_model("zoo:fmnist-cnn"), backend=judge, steps=1,
-                                 pairs=32, micro_batch=32, lr=lr, seed=0, episodic=False)
+                                 **CLASSIFIER_GRADIENT, pairs=32, micro_batch=32, lr=lr, seed=0, episodic=False)
     theta0 = torch.cat([p.detach().flatten() for _, p in adapter.adapted]).clone()
     correct = np.zeros((steps + 1, len(x)))
     moved = []
@@ -100,7 +103,7 @@ def gradient_stats(judge: str, x: torch.Tensor, y: torch.Tensor, pairs: int):
     with the descent direction of the true label's cross-entropy."""
     import tta
     adapter = tta.create_adapter("diffusion_tta", tta.create_model("zoo:fmnist-cnn"), backend=judge, steps=1,
-                                 pairs=1, micro_batch=1, seed=0)
+                                 **CLASSIFIER_GRADIENT, pairs=1, micro_batch=1, seed=0)
     params = [p for _, p in adapter.adapted]
 
     def flat_grad():

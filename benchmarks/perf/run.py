@@ -35,6 +35,12 @@ RESULT_TAG = "PERF_RESULT "
 
 
 # ---- the naive reference loop: the paper's structure, written out plainly ------------------------------------
+# What the naive loops below do, which the project path is compared with: every classifier weight adapts and the
+# judge stays fixed (Diffusion-TTA's defaults, the official DiT setting, also adapt the judge and leave the
+# classifier's last layer out).
+NAIVE_SETTING = {"adapt": "all", "preset": "classifier-only"}
+
+
 def naive_diffusion_tta_step(model, backend, x, optimizer, pairs: int = 180, micro_batch: int = 15,
                              generator: Optional[torch.Generator] = None, loss: str = "l2",
                              step: bool = True) -> float:
@@ -177,7 +183,7 @@ def worker_dtta(a: Dict[str, Any]) -> Dict[str, Any]:
     times, losses, preds, micro = [], [], [], None
     if a["variant"] == "project":
         adapter = tta.create_adapter("diffusion_tta", model, backend=backend, seed=0, steps=a["steps"],
-                                     pairs=a["pairs"], **a["options"])
+                                     pairs=a["pairs"], **NAIVE_SETTING, **a["options"])
         step = adapter.forward_and_adapt
         record: List[float] = []
 
@@ -467,7 +473,7 @@ def worker_gpu_arch(a: Dict[str, Any]) -> Dict[str, Any]:
             images = x.repeat(a["per_example_images"] if options.get("per_example") else 1, 1, 1, 1)
             try:
                 adapter = tta.create_adapter("diffusion_tta", model, backend=backend, seed=0, steps=steps,
-                                             pairs=pairs, **options)
+                                             pairs=pairs, **NAIVE_SETTING, **options)
                 adapter(images)  # warm-up (and the micro-batch sizing)
                 times = [measure(lambda: adapter(images)) for _ in range(n_img)]
                 row[name] = {"s_per_image": statistics.median(t["s"] for t in times) / len(images),
@@ -583,8 +589,8 @@ def gpu_variants(mb: int, per_example_images: int):
     """The project variants of the GPU section: the defaults, then micro-batches sized for the 20 GB peak target
     (16 GB for the judge's activations, the rest for the weights), with per-example copies of several images at
     once, and with checkpointing (last: it stays on the judge)."""
-    sized = {"micro_batch": 0, "memory_gb": 16.0}
-    return (("project", {"micro_batch": mb}),
+    sized = {"micro_batch": 0, "memory_gb": 16.0, "autocast": "auto"}  # auto: bf16 on CUDA, as the table says
+    return (("project", {"micro_batch": mb, "autocast": "auto"}),
             ("project, micro_batch 0, memory_gb 16", sized),
             (f"project, micro_batch 0, memory_gb 16 + per_example ({per_example_images} images at once)",
              {**sized, "per_example": True}),

@@ -15,7 +15,7 @@ This keeps argmax(logits) equal to the pruning decision and reduces to the plain
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -24,14 +24,39 @@ from ..registry import unknown_name_message
 from .base import DiffusionBackend, autocast_for, check_autocast
 from .sampling import LOSSES, sample_noise, subgrid_positions, timestep_grid
 
-# (keep, samples) per stage, from the authors' scripts.
-PRUNING_PRESETS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
-    "cifar10": ((5, 1), (50, 500)),
-    "pets": ((5, 1), (25, 250)),
-    "food": ((20, 10, 5, 1), (20, 50, 100, 500)),
-    "aircraft": ((20, 10, 5, 1), (20, 50, 100, 500)),
-    "imagenet": ((500, 50, 10, 1), (50, 100, 500, 1000)),
+class ClassifierPreset(NamedTuple):
+    keep: Tuple[int, ...]     # classes kept after each stage (--to_keep)
+    samples: Tuple[int, ...]  # cumulative (t, eps) samples per class at each stage (--n_samples)
+    loss: str                 # --loss; eval_prob_adaptive.py's default is l2
+
+
+# The authors' commands for Stable Diffusion (github.com/diffusion-classifier/diffusion-classifier, commands.md and
+# README.md): each data set's schedule and the loss its command passes.
+PRUNING_PRESETS: Dict[str, ClassifierPreset] = {
+    "cifar10": ClassifierPreset((5, 1), (50, 500), "l1"),
+    "pets": ClassifierPreset((5, 1), (25, 250), "l1"),
+    "flowers": ClassifierPreset((20, 10, 5, 1), (20, 50, 100, 500), "l1"),
+    "stl10": ClassifierPreset((5, 1), (100, 500), "l1"),
+    "food": ClassifierPreset((20, 10, 5, 1), (20, 50, 100, 500), "l2"),
+    "aircraft": ClassifierPreset((20, 10, 5, 1), (20, 50, 100, 500), "l2"),
+    "imagenet": ClassifierPreset((500, 50, 10, 1), (50, 100, 500, 1000), "l2"),
+    "objectnet": ClassifierPreset((25, 10, 5, 1), (50, 100, 500, 1000), "l2"),
 }
+DEFAULT_PRESET = "cifar10"  # what runs when neither a preset nor a schedule is given
+
+
+def resolve_loss(preset: Optional[str] = None, samples: Optional[Sequence[int]] = None,
+                 loss: Optional[str] = None) -> str:
+    """The loss given; else the preset's (the default preset's when no schedule is given either); else l2, the
+    authors' script's default, for a schedule given as keep/samples."""
+    if loss is None:
+        name = DEFAULT_PRESET if preset is None and not samples else preset
+        if name is not None and name not in PRUNING_PRESETS:
+            raise ValueError(unknown_name_message("pruning preset", name, PRUNING_PRESETS))
+        loss = PRUNING_PRESETS[name].loss if name is not None else "l2"
+    if loss not in LOSSES:
+        raise ValueError(unknown_name_message("denoising loss", loss, LOSSES))
+    return loss
 
 
 def resolve_schedule(preset: Optional[str] = None, keep: Optional[Sequence[int]] = None,
@@ -42,9 +67,9 @@ def resolve_schedule(preset: Optional[str] = None, keep: Optional[Sequence[int]]
             raise ValueError("pass either a pruning preset or keep/samples, not both")
         if preset not in PRUNING_PRESETS:
             raise ValueError(unknown_name_message("pruning preset", preset, PRUNING_PRESETS))
-        return PRUNING_PRESETS[preset]
+        return PRUNING_PRESETS[preset][:2]
     if not samples:
-        return PRUNING_PRESETS["cifar10"]
+        return PRUNING_PRESETS[DEFAULT_PRESET][:2]
     samples = tuple(int(s) for s in samples)
     keep = tuple(int(k) for k in keep) if keep else (None,) * len(samples)
     if len(keep) != len(samples):
@@ -92,14 +117,12 @@ class DiffusionClassifier(nn.Module):
     """A zero-shot classifier from a diffusion backend: [0, 1] images (B, C, H, W) -> (B, K) logits."""
 
     def __init__(self, backend: DiffusionBackend, preset: Optional[str] = None, keep: Optional[Sequence[int]] = None,
-                 samples: Optional[Sequence[int]] = None, loss: str = "l2", temperature: float = 1.0,
+                 samples: Optional[Sequence[int]] = None, loss: Optional[str] = None, temperature: float = 1.0,
                  micro_batch: int = 32, n_trials: int = 1, seed: Optional[int] = None, autocast: Any = "auto"):
         super().__init__()
         if backend.conditioning not in ("class", "text"):
             raise ValueError(f"the Diffusion Classifier needs a class- or text-conditioned backend, got a "
                              f"{backend.conditioning}-conditioned {backend.kind!r} one")
-        if loss not in LOSSES:
-            raise ValueError(unknown_name_message("denoising loss", loss, LOSSES))
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if micro_batch < 1 or n_trials < 1:
@@ -107,7 +130,7 @@ class DiffusionClassifier(nn.Module):
         self.backend = backend
         self.keep, self.samples = resolve_schedule(preset, keep, samples)
         timestep_grid(backend.num_train_timesteps, max(self.samples))  # fail early on an impossible grid
-        self.loss = loss
+        self.loss = resolve_loss(preset, samples, loss)  # a preset brings its command's loss unless one is given
         self.temperature = float(temperature)
         self.micro_batch = int(micro_batch)
         self.n_trials = int(n_trials)

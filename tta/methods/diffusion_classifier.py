@@ -1,9 +1,23 @@
 """diffusion_classifier: zero-shot classification with a diffusion model (Li et al., ICCV 2023, arXiv:2303.16203).
 
 Predicts argmin_c E_{t,eps} || eps_theta(x_t, t, c) - eps || with the same noise for every class at a
-timestep, timesteps on an evenly spaced grid and adaptive multi-stage pruning of classes (the paper's
-schedules are tta.generative.PRUNING_PRESETS). Logits are -error / temperature; fit the temperature on
-held-out data (DiffusionClassifier.calibrate) for calibrated probabilities.
+timestep, timesteps on an evenly spaced grid and adaptive multi-stage pruning of classes. Logits are
+-error / temperature; fit the temperature on held-out data (DiffusionClassifier.calibrate) for calibrated
+probabilities.
+
+Defaults and presets follow the authors' commands (github.com/diffusion-classifier/diffusion-classifier,
+commands.md, run with eval_prob_adaptive.py): `preset` names a data set and sets its pruning schedule and its
+loss (cifar10, pets, flowers, stl10 pass --loss l1; food, aircraft, imagenet, objectnet use the script's l2;
+tta.generative.PRUNING_PRESETS); a `loss` given explicitly wins. Without a preset or a schedule the cifar10 preset
+runs (l1); a schedule given as keep/samples without a loss uses l2, the script's default. Precision: the script
+runs Stable Diffusion in float16 by default (--dtype float16); the closest setting here is autocast="auto" (bf16
+on CUDA, float32 on the CPU), the default; autocast="off" is its --dtype float32.
+Known difference: the authors give each data set its own prompt file (prompts/<dataset>_prompts.csv, e.g.
+"a blurry photo of a {}." for CIFAR-10, "a photo of a {}, a type of pet." for Pets, "a photo of {}, a type of
+food." for Food-101, and class names written for the prompts); a Stable Diffusion judge here builds every class's
+prompt from one template (the backend's `prompt` option, default "a photo of a {}."). Pass that data set's
+template as `prompt` to match the authors' prompts; their per-class names and several prompts per class are not
+reproduced.
 
 Two faces of one scorer (tta.generative.classifier.DiffusionClassifier):
 - a model source, `tta.create_model("diffusion:<kind>@<folder or hub id>")`, an nn.Module from [0, 1] images
@@ -22,7 +36,7 @@ from torch import nn
 
 from ..adapter import AdapterConfig, register_adapter
 from ..generative.base import BACKENDS, check_autocast
-from ..generative.classifier import PRUNING_PRESETS, DiffusionClassifier, resolve_schedule
+from ..generative.classifier import PRUNING_PRESETS, DiffusionClassifier, resolve_loss, resolve_schedule
 from ..generative.loading import create_backend
 from ..generative.sampling import LOSSES
 from ..models.sources import MODEL_SOURCES
@@ -35,10 +49,10 @@ from .diffusion_tta import JudgedAdapter
 class DiffusionClassifierConfig(AdapterConfig):
     steps: int = 0                         # nothing adapts
     backend: Optional[str] = None          # "<kind>:<hub id or folder>" or a folder, loaded with create_backend
-    preset: Optional[str] = None           # cifar10 | pets | food | aircraft | imagenet (keep/samples per stage)
+    preset: Optional[str] = None           # a data set of PRUNING_PRESETS: its keep/samples per stage and its loss
     keep: Optional[Tuple[int, ...]] = None     # classes kept after each stage (default: the cifar10 preset)
     samples: Optional[Tuple[int, ...]] = None  # cumulative (t, eps) samples per class at each stage
-    loss: str = "l2"                       # l2 | l1
+    loss: Optional[str] = None             # l2 | l1; None: the preset's (cifar10's without a schedule), else l2
     temperature: float = 1.0               # logits = -error / temperature; fit it with calibrate()
     micro_batch: int = 32                  # judge evaluations per forward pass
     n_trials: int = 1                      # noises per timestep
@@ -47,13 +61,14 @@ class DiffusionClassifierConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss not in LOSSES:
+        if self.loss is not None and self.loss not in LOSSES:
             raise ValueError(unknown_name_message("loss", self.loss, LOSSES))
         if self.preset is not None and self.preset not in PRUNING_PRESETS:
             raise ValueError(unknown_name_message("pruning preset", self.preset, PRUNING_PRESETS))
         self.keep = tuple(self.keep) if self.keep is not None else None
         self.samples = tuple(self.samples) if self.samples is not None else None
         resolve_schedule(self.preset, self.keep, self.samples)
+        self.loss = resolve_loss(self.preset, self.samples, self.loss)  # recorded as run, in every result row
         self.autocast = check_autocast(self.autocast)
 
 

@@ -7,10 +7,22 @@ c = backend.condition(softmax(f(x))) (soft class weights; the per-pixel softmax 
 tasks), so the gradient reaches f through the condition. x0 is the image (pixel judges) or its VAE latent,
 encoded once. Builds on tta.generative (the judges and the (t, eps) sampling).
 
-Defaults follow the paper's DiT runs: per example (episodic), 5 SGD steps (lr 5e-3, momentum 0.9) of 180
-(t, eps) pairs each, t uniform over [0, T), in micro-batches of 15 with gradient accumulation; all classifier
-parameters adapt. PRESETS["adam"] is the Adam lr 1e-5 setting of the ResNet-18 / ConvNeXt runs. The paper's
-CLIP runs use LoRA on q/v (adapt="lora"); the released code adapts the whole image tower (adapt="all").
+Defaults are the official code's DiT configuration (github.com/mihirp1998/Diffusion-TTA, preset "official-dit":
+diff_tta/config/config.yaml with experiment/dit.yaml): per example (episodic), 5 SGD steps (lr 5e-3, momentum 0.9)
+of 180 (t, eps) pairs each (input.batch_size 15 x accum_iter 12), t uniform over [0, T), in micro-batches of 15
+with gradient accumulation, float32 throughout (the official code never autocasts), and:
+- the classifier adapts all but its last layer (adapt="all_but_last"): config.yaml sets freeze_class_embeds: True,
+  and build.py load_optimizer then gives the optimizer every leaf module but the last (for CLIP: all but the
+  zero-shot head). adapt="all" adapts the last layer too;
+- the judge's denoiser adapts with the classifier, at the same learning rate (adapt_backend=True): dit.yaml sets
+  adapt_only_classifier: False, and the official README says both models' weights are updated. It is restored
+  after every image, as the official loop reloads the whole state dict.
+Other named settings (the `preset` field; a field given explicitly overrides its preset's value):
+"official-dit-adam" is the README's commands for ResNet-18 and ConvNeXt-Tiny (optimizer adam, which build.py
+makes torch.optim.AdamW with weight_decay 0, lr 1e-5); "official-sd" is experiment/sd.yaml, the CLIP runs with
+Stable Diffusion (judge frozen, adapt_only_classifier: True; 16 x 12 = 192 pairs per step); "classifier-only" is
+"official-dit" with the judge frozen. The paper's CLIP runs are described with LoRA on q/v (adapt="lora"); the
+released code adapts the image tower as above.
 
 Gradient accumulation without repeated classifier passes: the classifier runs once per step, the judge's
 gradient is accumulated on a detached copy of the condition over the micro-batches, and one backward pass
@@ -18,10 +30,10 @@ carries it into the classifier. By the chain rule this is the same gradient as t
 classifier in every micro-step.
 
 Speed and memory (all off by default, so the paper's structure and float32 numbers are what runs unless asked):
-micro_batch=0 sizes micro-batches from free memory (tta.generative.memory); autocast="bf16" also runs the judge
-in bf16 on CPUs with native bf16 (CUDA always uses bf16 unless autocast="off"); channels_last, compile and
-checkpointing act on the judge's denoiser (DiffusionBackend.use_fast_paths); per_example=True adapts every image
-of a batch on its own parameter copy at once (torch.func), the same as one episodic run per image.
+micro_batch=0 sizes micro-batches from free memory (tta.generative.memory); autocast="auto" runs the judge in bf16
+on CUDA and autocast="bf16" also on CPUs with native bf16 (the default "off" is the official float32); channels_last,
+compile and checkpointing act on the judge's denoiser (DiffusionBackend.use_fast_paths); per_example=True adapts
+every image of a batch on its own parameter copy at once (torch.func), the same as one episodic run per image.
 """
 from __future__ import annotations
 
@@ -44,41 +56,51 @@ from ..models.wrapper import ImageModel
 from ..params import enable_norm_affine
 from ..registry import unknown_name_message
 
-ADAPT_CHOICES = ("all", "norm", "last", "lora")
+ADAPT_CHOICES = ("all_but_last", "all", "norm", "last", "lora")
+# Named settings, each one official configuration; a preset fills only the fields the user left unset (None).
+_DIT = {"optimizer": "sgd", "lr": 5e-3, "pairs": 180, "micro_batch": 15, "adapt_backend": True}
 PRESETS: Dict[str, Dict[str, Any]] = {
-    "sgd": {"optimizer": "sgd", "lr": 5e-3, "momentum": 0.9},   # DiT runs (the default)
-    "adam": {"optimizer": "adam", "lr": 1e-5},                  # ResNet-18 / ConvNeXt runs
+    "official-dit": _DIT,                                                # experiment/dit.yaml (the default)
+    "official-dit-adam": {**_DIT, "optimizer": "adamw", "lr": 1e-5},     # README: ResNet-18 / ConvNeXt-Tiny runs
+    "official-sd": {**_DIT, "pairs": 192, "micro_batch": 16, "adapt_backend": False},  # experiment/sd.yaml (CLIP)
+    "classifier-only": {**_DIT, "adapt_backend": False},                 # official-dit with the judge frozen
 }
 
 
 @dataclass
 class DiffusionTTAConfig(AdapterConfig):
+    preset: str = "official-dit"       # official-dit | official-dit-adam | official-sd | classifier-only
     steps: int = 5
     episodic: bool = True
-    optimizer: str = "sgd"
-    lr: float = 5e-3
+    optimizer: Optional[str] = None    # None: the preset's (sgd; adamw for official-dit-adam)
+    lr: Optional[float] = None         # None: the preset's (5e-3; 1e-5 for official-dit-adam)
     momentum: float = 0.9
     backend: Optional[str] = None      # "<kind>:<hub id or folder>" or a folder, loaded with create_backend
-    pairs: int = 180                   # (t, eps) pairs per optimizer step
-    micro_batch: int = 15              # pairs per accumulation micro-step (per image); 0: sized from free memory
+    pairs: Optional[int] = None        # (t, eps) pairs per optimizer step; None: the preset's (180; 192 for SD)
+    micro_batch: Optional[int] = None  # pairs per accumulation micro-step (per image); 0: sized from free memory
     memory_gb: Optional[float] = None  # micro_batch=0: at most this much for the judge's activations
     timesteps: str = "uniform"         # uniform | stratified | grid
     noise: str = "independent"         # independent | shared (one eps for all pairs of a step)
     loss: str = "l2"                   # l2 | l1
-    adapt: str = "all"                 # all | norm | last | lora
-    last_layer: Optional[str] = None   # module name for adapt="last" (default: the classification layer)
+    adapt: str = "all_but_last"        # all_but_last | all | norm | last | lora
+    last_layer: Optional[str] = None   # the module adapt="last" adapts and adapt="all_but_last" leaves out
     lora_rank: int = 8
     lora_alpha: float = 8.0
-    adapt_backend: bool = False        # also adapt the judge's denoiser (restored after every episode)
+    adapt_backend: Optional[bool] = None  # also adapt the judge's denoiser (restored after every episode); None: preset
     backend_lr: Optional[float] = None  # the denoiser's learning rate (default: lr)
     seed: Optional[int] = None         # seed of the (t, eps) draws; None uses torch's global generator
     per_example: bool = False          # episodic: every image of a batch adapts its own copy, all at once
-    autocast: Union[bool, str] = "auto"  # judge precision: auto (bf16 on CUDA) | bf16 (also native-bf16 CPUs) | off
+    autocast: Union[bool, str] = "off"  # judge precision: off (float32, as official) | auto (bf16 on CUDA) | bf16
     channels_last: bool = False        # the judge's convolutions in NHWC
     compile: bool = False              # torch.compile the judge's denoiser
     checkpointing: bool = False        # recompute the judge's activations in backward (less memory)
 
     def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(unknown_name_message("preset", self.preset, PRESETS))
+        for name, value in PRESETS[self.preset].items():  # before validation, so preset values are checked too
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         super().__post_init__()
         for name, value, valid in (("adapt", self.adapt, ADAPT_CHOICES), ("timesteps", self.timesteps, TIMESTEP_MODES),
                                    ("noise", self.noise, NOISE_MODES), ("loss", self.loss, LOSSES)):
@@ -94,7 +116,8 @@ class DiffusionTTAConfig(AdapterConfig):
             raise ValueError(f"lora_rank must be positive, got {self.lora_rank}")
         if self.per_example and (not self.episodic or self.adapt_backend):
             raise ValueError("per_example adapts a copy of the model per image and drops it after the call: it needs "
-                             "episodic=True and adapt_backend=False")
+                             "episodic=True and a frozen judge: adapt_backend=False, or preset 'classifier-only' "
+                             "(the default preset, 'official-dit', adapts the judge)")
 
 
 # ---- LoRA: low-rank updates of attention q/v projections, applied without changing the model --------------
@@ -185,6 +208,34 @@ def last_layer_parameters(model: nn.Module, name: Optional[str] = None) -> List[
     return [(prefix + n, p) for n, p in modules[name].named_parameters()]
 
 
+def all_but_last_parameters(model: nn.Module, name: Optional[str] = None) -> List[Tuple[str, nn.Parameter]]:
+    """What the official Diffusion-TTA code adapts (diff_tta/models/build.py, load_optimizer with
+    freeze_class_embeds: True): the parameters of every leaf module (a module without children) except the last
+    one in registration order, which for the torchvision ResNets, ViTs and ConvNeXts it runs is the classification
+    layer. Parameters held by a module that has children are in no leaf and stay fixed there, so here too: a ViT's
+    class token and position embedding, ConvNeXt's layer scales, nn.MultiheadAttention's packed q/k/v projection.
+    The last leaf is the last one that holds parameters (the same on those models); `name` picks the left-out
+    module instead. A CLIP zero-shot model's last layer is its fixed text head (the official final_fc), a buffer
+    here, so every leaf of its image tower adapts, as there."""
+    modules = dict(model.named_modules())
+    if name is not None and name not in modules:
+        raise ValueError(unknown_name_message("module", name, [n for n in modules if n]))
+    leaves = [(n, m) for n, m in modules.items()
+              if next(m.children(), None) is None and next(m.parameters(recurse=False), None) is not None]
+    clip_head = any(hasattr(m, "text_embeddings") and hasattr(m, "visual") for m in modules.values())
+    if name is not None:
+        left_out = {id(p) for p in modules[name].parameters()}
+    elif clip_head:
+        left_out = set()
+    elif leaves:
+        left_out = {id(p) for p in leaves[-1][1].parameters()}
+    else:
+        raise ValueError("adapt='all_but_last' found no module holding parameters; use adapt='all'")
+    names = {id(p): n for n, p in model.named_parameters()}
+    chosen = {id(p): p for _, m in leaves for p in m.parameters(recurse=False) if id(p) not in left_out}
+    return [(names[i], p) for i, p in chosen.items()]
+
+
 # ---- the adapter ---------------------------------------------------------------------------------------------
 class JudgedAdapter(Adapter):
     """An Adapter with a diffusion judge under `judge_prefix`. The judge is a submodule (it moves with .to()), but
@@ -271,7 +322,10 @@ class DiffusionTTA(JudgedAdapter):
     def configure_model(self) -> None:
         super().configure_model()  # eval mode: per-example batches cannot give batch statistics
         adapt = self.cfg.adapt
-        if adapt == "all":
+        if adapt == "all_but_last":
+            for _, p in all_but_last_parameters(self.model, self.cfg.last_layer):
+                p.requires_grad_(True)
+        elif adapt == "all":
             self.model.requires_grad_(True)
         elif adapt == "norm":
             if not enable_norm_affine(self.model):

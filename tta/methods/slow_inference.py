@@ -6,8 +6,16 @@ A model that explains its input by reconstructing it (a slot-centric autoencoder
 synthesis model) is adapted on each test scene by gradient descent on its reconstruction loss alone, then its
 task output (for slot models: the segmentation read from the slot masks) is read from the adapted model. The
 source weights are restored before the next scene.
-Defaults: the authors' code, Adam lr 5e-4, up to 150 steps, all parameters, reset after every scene, plus early
-stopping on the reconstruction loss (off when patience is 0). With `restore_best` the prediction is read from the
+Defaults: the authors' code (github.com/mihirp1998/Slot-TTA, config/config.yaml), Adam lr 5e-4, up to 150 steps,
+all parameters, reset after every scene, plus early stopping on the reconstruction loss (off when patience is 0).
+Optimizer state: the authors' code rebuilds the model and the optimizer for every scene from the training
+checkpoint, Adam state included (model_utils.get_model_and_optimizer loads state_dict["optimizer"]), so every
+scene starts from the training run's moments and step count. Without `optimizer_state` every scene starts a
+fresh optimizer (a named difference: a fresh Adam's first steps are bias-corrected from zero moments); with
+`optimizer_state=<file>` (a torch.save'd optimizer state dict, or a checkpoint holding one under "optimizer" or
+"optimizer_state_dict"), every scene's optimizer starts from that state, as there. Only the per-parameter state
+is taken from the file: lr and the other settings stay the config's (the authors' checkpoint ends training at the
+same constant lr, 5e-4, after its warm-up). With `restore_best` the prediction is read from the
 weights of the lowest reconstruction loss seen on the scene rather than from the last step's (off by default, so
 existing configs and ttt_mae, whose random masks make the loss too noisy to select on, keep their meaning).
 
@@ -15,6 +23,7 @@ Any model works that implements `ReconstructionModel`; `tta.nets.SlotAttentionAu
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
@@ -53,6 +62,46 @@ def reconstruction_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(recon, x, reduction="none").flatten(1).mean(1)
 
 
+OPTIMIZER_STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"),
+                        "adamw": ("exp_avg", "exp_avg_sq")}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str, kind: str) -> None:
+    """Load the per-parameter state (moments, step counts) saved at `path` into `optimizer`, keeping its own lr and
+    other settings. The saved state must be that of the same kind of optimizer over the same parameters in the
+    same order (the model's named_parameters() order, all of them for slow inference)."""
+    saved = torch.load(os.path.expanduser(path), map_location="cpu", weights_only=True)
+    for key in ("optimizer", "optimizer_state_dict"):  # a whole training checkpoint
+        if isinstance(saved, dict) and key in saved:
+            saved = saved[key]
+    if not (isinstance(saved, dict) and "state" in saved and "param_groups" in saved):
+        raise ValueError(f"optimizer_state {path!r} holds no optimizer state dict (a mapping with 'state' and "
+                         "'param_groups', alone or under 'optimizer' / 'optimizer_state_dict')")
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    theirs = [len(g["params"]) for g in saved["param_groups"]]
+    if ours != theirs:
+        raise ValueError(f"optimizer_state {path!r} is for parameter groups of sizes {theirs}, this model's optimizer "
+                         f"has {ours}: save the state of the same model's optimizer")
+    needed = OPTIMIZER_STATE_KEYS[kind]
+    if any(not all(k in s for k in needed) for s in saved["state"].values()):
+        raise ValueError(f"optimizer_state {path!r} is not a {kind} state (it lacks {', '.join(needed)}); set "
+                         "`optimizer` to the kind the state was saved from")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    for n, (p, i) in enumerate(zip(params, ids)):
+        shapes = {k: tuple(v.shape) for k, v in saved["state"].get(i, {}).items() if k in needed}
+        if any(shape != tuple(p.shape) for shape in shapes.values()):
+            raise ValueError(f"optimizer_state {path!r}: the state of parameter {n} has shape {shapes}, the model's "
+                             f"parameter {n} is {tuple(p.shape)}: save the state of the same model's optimizer")
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(saved)  # also casts the state to each parameter's device and dtype
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"optimizer_state {path!r} does not fit this model's optimizer: {e}") from e
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)  # the config's lr, betas, momentum, not the saved run's
+
+
 @dataclass
 class SlowInferenceConfig(AdapterConfig):
     steps: int = 150             # the most steps per scene; early stopping may end sooner
@@ -63,6 +112,7 @@ class SlowInferenceConfig(AdapterConfig):
     patience: int = 0            # stop after this many steps without a min_delta improvement; 0 = never stop early
     min_delta: float = 0.0       # improvement of the reconstruction loss that resets the patience counter
     restore_best: bool = False   # predict with the weights of the lowest reconstruction loss seen, not the last ones
+    optimizer_state: Optional[str] = None  # a file with the training run's optimizer state, loaded for every scene
 
     def __post_init__(self):
         super().__post_init__()
@@ -73,6 +123,10 @@ class SlowInferenceConfig(AdapterConfig):
             raise ValueError(f"min_delta must be non-negative, got {self.min_delta}")
         if not isinstance(self.restore_best, bool):
             raise ValueError(f"restore_best must be true or false, got {self.restore_best!r}")
+        if self.optimizer_state is not None and not os.path.isfile(os.path.expanduser(self.optimizer_state)):
+            raise ValueError(f"optimizer_state {self.optimizer_state!r} is not a file; give the path of a torch.save'd "
+                             "optimizer state dict (or of a checkpoint holding it under 'optimizer'), or null for a "
+                             "fresh optimizer per scene")
 
 
 @register_adapter("slow_inference")
@@ -93,6 +147,9 @@ class SlowInference(Adapter):
                 "reconstruct(x) -> (reconstruction, extras) and predict(x) -> output (and optionally "
                 "reconstruction_loss(x, reconstruction, extras) -> (B,)), or use tta.nets.SlotAttentionAutoEncoder")
         super().__init__(model, cfg, **overrides)
+        if self.cfg.optimizer_state is not None:
+            load_optimizer_state(self.optimizer, self.cfg.optimizer_state, self.cfg.optimizer)
+            self._source_state = self._capture_state()  # every reset (every scene) starts from the loaded state
         self.loss_history: List[float] = []
         self.final_loss: Optional[float] = None
         self.best_step: Optional[int] = None

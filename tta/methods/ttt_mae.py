@@ -4,8 +4,14 @@ arXiv:2209.07522).
 Builds on TTT (Sun et al., ICML 2020) and MAE (He et al., CVPR 2022): a ViT encoder is shared by a classification
 head and an MAE decoder. For each test image on its own, the encoder is trained for a few steps to reconstruct
 randomly masked patches of that image (every step draws fresh masks for a batch of copies of the image), the
-decoder and head stay fixed, and the image is then classified with the adapted encoder and the head. The source
-encoder is restored before the next image.
+decoder (but for its mask token) and head stay fixed, and the image is then classified with the adapted encoder
+and the head. The source encoder is restored before the next image.
+What adapts follows the authors' code (github.com/yossigandelsman/test_time_training_mae, engine_test_time.py
+get_prameters_from_args, with the README's --finetune_mode 'encoder'): every parameter whose name does not start
+with "decoder", so the encoder with its class token and also the decoder's mask token, which sits outside the
+decoder's modules there (its classification head is in that set too but gets no gradient from the reconstruction
+loss, so it stays fixed, as here). finetune_mode="encoder_no_cls_no_msk" is the authors' other mode (class and mask
+tokens fixed); "encoder_no_msk" fixes only the mask token.
 It is slow inference with a masked reconstruction and the encoder as the adapted set, so it reuses
 `slow_inference`'s loop. Defaults: the authors' scripts, SGD lr 5e-3 (base lr 1e-2 x 128 / 256) momentum 0.9,
 20 steps, 128 masked copies per step, mask ratio 0.75 (set on the model), no early stopping (random masks make
@@ -20,7 +26,13 @@ from torch import nn
 
 from ..adapter import register_adapter
 from ..nets.mae_decoder import MaskedAutoencoderViT
+from ..registry import unknown_name_message
 from .slow_inference import SlowInference, SlowInferenceConfig, reconstruction_loss
+
+
+FINETUNE_MODES = ("encoder", "encoder_no_msk", "encoder_no_cls_no_msk")
+MASK_TOKEN = "decoder.mask_token"  # MaskedAutoencoderViT keeps it in its decoder
+CLS_TOKEN = "vit.cls_token"
 
 
 @dataclass
@@ -30,9 +42,12 @@ class TTTMAEConfig(SlowInferenceConfig):
     lr: float = 5e-3
     momentum: float = 0.9
     views: int = 128             # copies of the test image per step, each with its own random mask
+    finetune_mode: str = "encoder"  # encoder (+ cls and mask tokens) | encoder_no_msk | encoder_no_cls_no_msk
 
     def __post_init__(self):
         super().__post_init__()
+        if self.finetune_mode not in FINETUNE_MODES:
+            raise ValueError(unknown_name_message("finetune_mode", self.finetune_mode, FINETUNE_MODES))
         if not isinstance(self.views, int) or self.views < 1:
             raise ValueError(f"views must be a positive integer, got {self.views!r}")
 
@@ -52,7 +67,12 @@ class TTTMAE(SlowInference):
         self.model.eval()  # dropout and drop-path off: the adapted encoder should see the clean architecture
         self.model.requires_grad_(False)
         params = dict(self.model.named_parameters())
-        for name in self.model.encoder_parameter_names:
+        names = list(self.model.encoder_parameter_names)
+        if self.cfg.finetune_mode == "encoder":
+            names.append(MASK_TOKEN)
+        elif self.cfg.finetune_mode == "encoder_no_cls_no_msk":
+            names = [n for n in names if n != CLS_TOKEN]
+        for name in names:
             params[name].requires_grad_(True)
 
     def adaptation_loss(self, x: torch.Tensor) -> torch.Tensor:
