@@ -65,3 +65,16 @@ def test_run_reports_bad_input_clearly(tmp_path, capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "tta", "list", "adapters"], capture_output=True, text=True)
     assert result.returncode == 0 and "tent" in result.stdout
+
+
+def test_zoo_train_never_overwrites_shipped_checkpoints_by_default(monkeypatch, tmp_path, capsys):
+    import tta.zoo
+    from tta.zoo import checkpoint_path
+    calls = []
+    monkeypatch.setattr(tta.zoo, "train", lambda name, out, *a: calls.append((name, out)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["zoo", "train", "fmnist-cnn", "--steps", "1"]) == 0
+    (name, out), = calls
+    assert name == "fmnist-cnn" and str(out).startswith("runs") and out.resolve() != checkpoint_path(name).resolve()
+    assert main(["zoo", "train", "no-such-member"]) == 2
+    assert "fmnist-cnn" in capsys.readouterr().err  # the error lists the members
