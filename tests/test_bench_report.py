@@ -67,7 +67,9 @@ def test_compare_two_files(results, tmp_path):
     run_benchmark(spec, other, methods=["source"], progress=False)
     assert main(["compare", str(out), str(other), "--out", str(tmp_path / "cmp"), "--no-plots"]) == 0
     md = (tmp_path / "cmp.md").read_text()
-    assert "source (" in md and "[other]" in md  # the same run in two files is told apart, not merged
+    # the same run in two files is told apart, not merged, with short labels and a legend naming the files
+    assert "| source #1 |" in md and "| source #2 |" in md
+    assert "| source #2 | " in md.split("**Labels**")[1] and "| other | same config, other file |" in md
 
 
 def test_cli_register_adds_subcommands_and_errors_exit_2(tmp_path, capsys):

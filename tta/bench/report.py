@@ -57,22 +57,36 @@ class Group:
 
     @staticmethod
     def _method_labels(rows) -> Dict[int, str]:
-        """Method label, made unique with the config id and then the source file where runs collide."""
-        def collide(label_of):
-            seen: Dict[Tuple[str, str], set] = {}
-            for r in rows:
-                seen.setdefault((label_of(r), _domain_label(r)), set()).add(id(r))
-            return {lab for (lab, _), ids in seen.items() if len(ids) > 1}
-        labels = {id(r): r["method"] for r in rows}
-        clash = collide(lambda r: labels[id(r)])
+        """Method label; runs of one label that differ (config, or results file) become "label #1", "label #2"
+        in order of appearance, and `legend()` says what each number is: labels stay short in tables and plots."""
+        variants: Dict[str, List[Tuple[str, str]]] = {}
         for r in rows:
-            if labels[id(r)] in clash:
-                labels[id(r)] = f"{r['method']} ({r['config_id'][:6]})"
-        clash = collide(lambda r: labels[id(r)])
+            variant = (r.get("config_id", ""), r.get("_source", ""))
+            seen = variants.setdefault(r["method"], [])
+            if variant not in seen:
+                seen.append(variant)
+        labels = {}
         for r in rows:
-            if labels[id(r)] in clash and r.get("_source"):
-                labels[id(r)] = f"{labels[id(r)]} [{r['_source']}]"
+            seen = variants[r["method"]]
+            number = seen.index((r.get("config_id", ""), r.get("_source", ""))) + 1
+            labels[id(r)] = r["method"] if len(seen) == 1 else f"{r['method']} #{number}"
         return labels
+
+    def legend(self) -> List[List[str]]:
+        """[label, config id, results file, config fields that differ from the label's other runs] for the
+        labels that were numbered."""
+        out = []
+        for m in self.methods:
+            if " #" not in m:
+                continue
+            row = self.method_rows[m][0]
+            siblings = [self.method_rows[o][0] for o in self.methods if o != m and o.rsplit(" #", 1)[0]
+                        == m.rsplit(" #", 1)[0]]
+            config = row.get("config") or {}
+            differs = sorted(k for k in config if any((s.get("config") or {}).get(k) != config[k] for s in siblings))
+            out.append([m, str(row.get("config_id", ""))[:12], str(row.get("_source", "")),
+                        ", ".join(f"{k}={config[k]}" for k in differs) or "same config, other file"])
+        return out
 
     @property
     def title(self) -> str:
@@ -358,6 +372,10 @@ def write_report(paths: Sequence, out: Optional[str] = None, plots: bool = True,
                 tail = cells[1 + len(g.domains):]
                 csv_rows.append([*g.key, metric, cells[0]] + [by_domain.get(d, "") for d in domain_union]
                                 + [tail[0], tail[1] if source else ""])
+        legend = g.legend()
+        if legend:
+            md += ["**Labels**: one method run in several ways is numbered; what each number is:", "",
+                   _markdown_table(["label", "config id", "results file", "differs in"], legend), ""]
         cost_header = ["method", "batch size", "images", "model seconds", "images/s", "device"]
         md += ["**cost**", "", _markdown_table(cost_header, g.cost()), ""]
         if plots:
