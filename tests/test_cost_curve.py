@@ -17,7 +17,9 @@ def load_script():
 
 def row(method, domain, severity, correct, config):
     ids = list(range(len(correct)))
-    return {"method": method, "domain": domain, "severity": severity, "seed": 0, "setting": "episodic",
+    return {"benchmark": "curve", "model": "zoo:fmnist-cnn", "data_id": "d", "batch_size": 1,
+            "config_id": json.dumps(config, sort_keys=True),
+            "method": method, "domain": domain, "severity": severity, "seed": 0, "setting": "episodic",
             "config": config, "n": len(correct), "seconds": 0.5 * len(correct), "primary_metric": "accuracy",
             "metrics": {"accuracy": sum(correct) / len(correct)}, "per_image": {"id": ids, "correct": correct}}
 

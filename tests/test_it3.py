@@ -200,3 +200,24 @@ def test_wraps_an_image_model_and_adapts_under_no_grad(images):
         out = adapter(images)
     assert out.shape == (8, 5) and torch.isfinite(out).all()
     assert adapter.model.net.net.features[1].training is False, "BN keeps its source statistics"
+
+
+def test_an_it3_network_reports_the_input_size_and_classes_of_the_model_it_wraps():
+    inner = tiny_model()
+    model = IT3Net(inner, num_outputs=5, layer="net.features.3")
+    assert model.input_size == (3, 16, 16) and model.class_names == inner.class_names
+    model.input_size = (3, 24, 24)  # evaluating at another resolution changes the wrapped model's size
+    assert inner.input_size == (3, 24, 24)
+    bare = IT3Net(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), num_outputs=2, layer="1")
+    assert bare.input_size is None and bare.class_names is None
+    with pytest.raises(AttributeError, match="tta.wrap_model"):
+        bare.input_size = (3, 2, 2)
+
+
+def test_tta_run_adapts_the_zoo_it3_network(capsys):
+    from tta.cli import main
+    code = main(["run", "--model", "zoo:fmnist-it3", "--method", "it3", "--data", "foolbox:fashionMNIST",
+                 "--corruption", "fog", "--severity", "3", "--batch-size", "10", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "20 images, fog-3" in out and "before (source)" in out and "after (it3)" in out

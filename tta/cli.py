@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .devices import check_device, default_device
 from .threads import add_threads_option, configure_threads
 
 def parse_assignments(pairs: List[str]) -> Dict[str, object]:
@@ -77,16 +78,17 @@ def _evaluate(predict, loader, corruption, severity, seed, device, desc) -> Dict
     correct = seen = labelled = 0
     counts: Dict[int, int] = {}
     start = time.perf_counter()
-    for i, (x, y) in enumerate(tqdm(loader, desc=desc, unit="batch", leave=False)):
-        if corruption:
-            x = corrupt_images(x, corruption, severity, seed=seed + i)
-        pred = predict(x.to(device)).argmax(1).cpu()
-        for p in pred.tolist():
-            counts[p] = counts.get(p, 0) + 1
-        mask = y >= 0
-        correct += int((pred[mask] == y[mask]).sum())
-        labelled += int(mask.sum())
-        seen += len(y)
+    with tqdm(loader, desc=desc, unit="batch", leave=False) as bar:  # closed (line cleared) on Ctrl-C too
+        for i, (x, y) in enumerate(bar):
+            if corruption:
+                x = corrupt_images(x, corruption, severity, seed=seed + i)
+            pred = predict(x.to(device)).argmax(1).cpu()
+            for p in pred.tolist():
+                counts[p] = counts.get(p, 0) + 1
+            mask = y >= 0
+            correct += int((pred[mask] == y[mask]).sum())
+            labelled += int(mask.sum())
+            seen += len(y)
     result = {"n": seen, "seconds": time.perf_counter() - start, "predictions": counts}
     result["accuracy"] = correct / labelled if labelled else None
     return result
@@ -95,10 +97,11 @@ def _evaluate(predict, loader, corruption, severity, seed, device, desc) -> Dict
 def cmd_run(args) -> int:
     import tta
     from .data import open_images
+    device = check_device(args.device)
     torch.manual_seed(args.seed)
     model_kwargs = parse_assignments(args.model_set)
     model = tta.create_model(args.model, pretrained=not args.no_pretrained, weights=args.weights, **model_kwargs)
-    model = model.to(args.device).eval()
+    model = model.to(device).eval()
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     for name in methods:  # fail on a typo before spending time on the source run
         tta.adapter.ADAPTERS.get(name)
@@ -115,11 +118,11 @@ def cmd_run(args) -> int:
         print(f"{label:<24} top-1 {acc:<24} {res['seconds']:.1f} s")
 
     with torch.no_grad():
-        source = _evaluate(model, loader, args.corruption, args.severity, args.seed, args.device, "source")
+        source = _evaluate(model, loader, args.corruption, args.severity, args.seed, device, "source")
     show("before (source)", source)
     for name in methods:
         adapter = tta.create_adapter(name, copy.deepcopy(model), **configs[name])
-        res = _evaluate(adapter, loader, args.corruption, args.severity, args.seed, args.device, name)
+        res = _evaluate(adapter, loader, args.corruption, args.severity, args.seed, device, name)
         show(f"after ({name})", res)
     if source["accuracy"] is None:
         top = sorted(source["predictions"].items(), key=lambda kv: -kv[1])[:5]
@@ -153,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--severity", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, help="use only the first N images")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="what to do with unreadable images")
     add_threads_option(p)
@@ -167,6 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that come from what the user gave (a file, a name, a value, the disk) and that the code explains: one line
+# and exit 2. Anything else is a bug in tta and keeps its traceback.
+USER_ERRORS = (KeyError, ValueError, TypeError, OSError)
+INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
+
+# What Ctrl-C leaves behind, per command; commands that write results catch it themselves to count them.
+INTERRUPT_NOTES = {
+    "run": "tta run keeps no results (it only prints them); rerun the same command",
+    "bench": "the rows already in the results file are kept; rerun the same command to resume",
+}
+
+
+def error_line(err: BaseException) -> str:
+    """The message of an error as one line: the text of a KeyError without quotes, line breaks folded."""
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -176,9 +197,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if hasattr(args, "threads"):  # commands that compute: set before any model or data is touched
             configure_threads(args.threads)
         return args.func(args)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"tta {args.command}: error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        note = INTERRUPT_NOTES.get(args.command, "files written before the interruption are kept")
+        print(f"tta {args.command}: interrupted; {note}", file=sys.stderr)
+        return INTERRUPTED
+    except USER_ERRORS as err:
+        print(f"tta {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
 
 

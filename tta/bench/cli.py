@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ..cli import INTERRUPTED
+
 
 def _split(values: Optional[List[str]]) -> Optional[List[str]]:
     if not values:
@@ -19,7 +21,8 @@ def cmd_bench(args) -> int:
     spec = load_spec(args.benchmark)
     out = Path(args.out) if args.out else Path("results") / f"{Path(args.benchmark).stem}.jsonl"
     kwargs = dict(methods=_split(args.methods), limit=args.limit, device=args.device, data_root=args.data_root,
-                  download=args.download, progress=not args.no_progress, num_workers=args.num_workers)
+                  download=args.download, progress=not args.no_progress, num_workers=args.num_workers,
+                  allow_code=args.allow_code)
     from .distributed import distributed_env, run_distributed
     if distributed_env().world_size > 1:  # torchrun: this rank's share, merged into `out` by rank 0
         summary = run_distributed(spec, out, **kwargs)
@@ -28,7 +31,15 @@ def cmd_bench(args) -> int:
             return 0
         print(f"{spec.name}: {summary['merged']} row(s) merged -> {out}")
     else:
-        summary = Runner(spec, out, **kwargs).run()
+        runner = Runner(spec, out, **kwargs)
+        try:
+            summary = runner.run()
+        except KeyboardInterrupt:
+            # Rows are written whole as each domain finishes, so everything up to here is safe and resumable.
+            print(f"tta bench: interrupted; {runner.written} row(s) written by this run and every earlier row are "
+                  f"kept in {out} (the domain in progress is lost); rerun the same command to resume",
+                  file=sys.stderr)
+            return INTERRUPTED
         print(f"{spec.name}: {summary['written']} row(s) written, {summary['skipped']} already present -> {out}")
     if args.report:
         from .report import write_report
@@ -74,6 +85,9 @@ def register(subparsers) -> None:
     p.add_argument("--num-workers", type=int, help="data loader worker processes (default: the file's num_workers)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--report", action="store_true", help="write the report next to the results when done")
+    p.add_argument("--allow-code", action="store_true",
+                   help="let model.factory call functions outside tta, timm, torchvision, open_clip, "
+                        "segmentation_models_pytorch and diffusers (a factory runs code: only for files you trust)")
     add_threads_option(p)
     p.set_defaults(func=cmd_bench)
 

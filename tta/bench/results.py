@@ -6,6 +6,7 @@ at most one partial last line. Opening the store repairs that: the fragment afte
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +18,10 @@ from typing import Any, Dict, Iterable, List, Optional
 
 KEY_FIELDS = ("benchmark", "method", "config_id", "model", "data_id", "domain", "severity", "setting",
               "batch_size", "seed")
+
+
+# What every consumer of a row relies on: its key and its metrics.
+ROW_FIELDS = KEY_FIELDS + ("metrics",)
 
 
 def config_id(config: Dict[str, Any]) -> str:
@@ -42,18 +47,42 @@ def _lock(f) -> None:
 
 def append_row(path, row: Dict[str, Any]) -> None:
     """One whole line per row: a single write under an exclusive lock, flushed and fsynced, so a crash leaves at
-    most a partial last line and concurrent writers never interleave."""
+    most a partial last line and concurrent writers never interleave. A write that fails (disk full, Ctrl-C in
+    the middle of a large write) is cut back to where it started, so the file holds whole rows only."""
     line = (json.dumps(row, sort_keys=True, default=_json_default) + "\n").encode()
     with open(path, "ab") as f:
         _lock(f)
-        f.write(line)
-        f.flush()
+        start = f.seek(0, os.SEEK_END)
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            _cut_back(f, start)
+            raise
+
+
+def _cut_back(f, size: int) -> None:
+    """Drop what a failed write left after `size` bytes; the buffered rest is discarded, never written later."""
+    try:
+        os.ftruncate(f.fileno(), size)
         os.fsync(f.fileno())
+    except OSError:  # nothing more to do: the next ResultStore cuts a partial last line when it opens the file
+        pass
+    try:
+        f.raw.close()  # close without flushing what is still buffered (that would append the fragment again)
+    except OSError:
+        pass
 
 
 def read_rows(path) -> List[Dict[str, Any]]:
-    """Complete rows of a results file; a partial last line (a crash mid-write) is skipped with a warning."""
+    """Complete rows of a results file; a partial last line (a crash mid-write) is skipped with a warning. A line
+    that is not a result row (not UTF-8, not JSON, not an object, a key field missing) is an error that names
+    the file and the line."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"results file {str(path)!r} is a folder; pass a results file (.jsonl) written by "
+                                "`tta bench`")
     if not path.is_file():
         raise FileNotFoundError(f"results file {str(path)!r} does not exist; produce it with `tta bench`")
     rows = []
@@ -63,13 +92,28 @@ def read_rows(path) -> List[Dict[str, Any]]:
     if tail.strip():
         warnings.warn(f"{path}: ignoring an incomplete last line ({len(tail)} bytes) from an interrupted write")
     for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n} is not a JSON row ({err}); it was edited by hand? remove that line") from err
+        if line.strip():
+            rows.append(_parse_row(line, f"{path}:{n}"))
     return rows
+
+
+def _parse_row(line: bytes, where: str) -> Dict[str, Any]:
+    fix = "it was edited by hand or comes from another program? remove that line (its row is computed again)"
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where}: byte 0x{line[err.start]:02x} at column {err.start + 1} is not UTF-8 text; "
+                         f"{fix}") from None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not a JSON row ({err}); {fix}") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where} holds a JSON {type(row).__name__}, not a result row (a JSON object); {fix}")
+    missing = [k for k in ROW_FIELDS if k not in row]
+    if missing:
+        raise ValueError(f"{where}: the row lacks field(s) {missing} that every result row has; {fix}")
+    return row
 
 
 class ResultStore:
@@ -77,6 +121,13 @@ class ResultStore:
 
     def __init__(self, path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise IsADirectoryError(f"results file {str(self.path)!r} is a folder; pass a file name, e.g. "
+                                    f"{str(self.path / 'results.jsonl')!r}")
+        blocker = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise NotADirectoryError(f"cannot put results file {str(self.path)!r} under {str(blocker)!r}, which is a "
+                                     "file, not a folder; pass a path in an existing or new folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.keys = set()
         if self.path.is_file():
@@ -104,7 +155,14 @@ class ResultStore:
         key = row_key(row)
         if key in self.keys:
             return False
-        append_row(self.path, row)
+        try:
+            append_row(self.path, row)
+        except OSError as err:  # disk full, quota, a file system gone read-only
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            raise OSError(err.errno, f"could not write a result row to {str(self.path)!r} ({err.strerror or err}); "
+                          f"the {len(self.keys)} complete row(s) already in the file are kept and the unfinished one "
+                          f"was removed; {'free some disk space' if full else 'fix that'} and rerun the same "
+                          "command: it resumes from the rows present") from err
         self.keys.add(key)
         return True
 

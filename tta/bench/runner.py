@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Subset
 
 from ..data.streams import Domain, iterate_domain, iterate_stream
+from ..devices import check_device
 from .datasets import BuildContext, build_domains
 from .metrics import make_meter
 from .results import ResultStore, config_id, device_description, git_revision, package_versions, row_key
@@ -102,16 +103,22 @@ def _thin(curve: List[List[float]]) -> List[List[float]]:
 class Runner:
     def __init__(self, spec: BenchmarkSpec, out, methods: Optional[List[str]] = None, limit: Optional[int] = None,
                  device: Optional[str] = None, data_root: Optional[str] = None, download: bool = False,
-                 progress: bool = True, num_workers: Optional[int] = None):
+                 progress: bool = True, num_workers: Optional[int] = None, allow_code: bool = False):
+        """`allow_code` lets the benchmark's `factory:` fields call functions outside tta.bench.factories's
+        allowed packages: give it only for a file you trust, as a factory runs code."""
         if data_root is not None:
             spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, root=str(data_root)))
         if limit is not None and limit < 1:
             raise ValueError(f"--limit must be a positive number of images per domain, got {limit}")
+        self.device = check_device(device)
+        selected = spec.select(methods)
+        spec.check_factories(selected, allow_code)  # before anything is built, imported or written
+        self.allow_code = allow_code
         self.spec = spec
         self.store = ResultStore(out)
-        self.jobs = plan_jobs(spec, spec.select(methods))
+        self.jobs = plan_jobs(spec, selected)
         self.limit = limit
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.written = 0  # rows this run has written so far (read after an interruption)
         self.download = download
         self.progress = progress
         self.num_workers = spec.num_workers if num_workers is None else num_workers
@@ -145,7 +152,7 @@ class Runner:
                                  f"cannot carry one model across domains; use episodic or reset_per_shift, not {bad}")
             input_size, class_names, task = tuple(spec.model.input_size), None, None
         else:
-            base_model = spec.model.build().eval()
+            base_model = spec.model.build(allow_code=self.allow_code).eval()
             input_size, class_names, task = base_model.input_size, base_model.class_names, base_model.task
         ctx = BuildContext(tuple(input_size), class_names, self.download, self.limit)
         domains = all_domains = build_domains(spec.data, ctx)
@@ -172,13 +179,14 @@ class Runner:
                 if spec.model.per_domain:
                     for k in ks:
                         d = domains[k]
-                        model = spec.model.build(d.class_names, d.templates).eval()
+                        model = spec.model.build(d.class_names, d.templates, allow_code=self.allow_code).eval()
                         adapter = self._adapter(job, model)
                         written += self._run_domains(job, adapter, domains, [k], model.task, bars)
                         del adapter, model
                 else:
                     # A method may bring its own model (e.g. it3 needs a network trained to take y as input).
-                    model = job.method.model.build().eval() if job.method.model else copy.deepcopy(base_model)
+                    model = (job.method.model.build(allow_code=self.allow_code).eval() if job.method.model
+                             else copy.deepcopy(base_model))
                     adapter = self._adapter(job, model)
                     own_task = getattr(model, "task", None) or task  # a slot model is scored as object discovery
                     if job.setting == "mixed":
@@ -282,7 +290,9 @@ class Runner:
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **self.provenance,
         })
-        return int(self.store.append(row))
+        written = int(self.store.append(row))
+        self.written += written
+        return written
 
 
 def episode_seed(seed: int, domain: int, batch: int) -> int:

@@ -16,13 +16,13 @@ at every level, so a typo never silently runs the wrong experiment.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from ..data.streams import check_setting
 from .datasets import DataConfig, parse_data_config
+from .factories import check_factory, resolve_factory
 
 
 def strict_dataclass(cls, values: Any, where: str):
@@ -39,6 +39,10 @@ def strict_dataclass(cls, values: Any, where: str):
         return cls(**values)
     except TypeError as err:
         raise ValueError(f"{where}: {err}; valid keys: {', '.join(valid)}") from err
+    except ValueError as err:  # a value out of range: say in which file and section
+        if str(err).startswith(where):
+            raise
+        raise ValueError(f"{where}: {err}") from err
 
 
 @dataclass
@@ -76,8 +80,9 @@ class ModelSpec:
     def label(self) -> str:
         return self.name or self.factory
 
-    def build(self, class_names: Optional[List[str]] = None, templates=None):
-        """The wrapped model; `class_names` / `templates` come from the domain when class_names is 'data'."""
+    def build(self, class_names: Optional[List[str]] = None, templates=None, allow_code: bool = False):
+        """The wrapped model; `class_names` / `templates` come from the domain when class_names is 'data'.
+        A `factory` outside the packages of tta.bench.factories is refused unless `allow_code`."""
         from ..models import create_model, wrap_model
         from ..models.weights import load_weights
         names = class_names if self.per_domain else self.class_names
@@ -98,12 +103,7 @@ class ModelSpec:
             if self.input_size is not None:  # evaluate at another resolution (convolutional networks allow it)
                 model.input_size = tuple(self.input_size)
             return model
-        module, _, fn = self.factory.partition(":")
-        try:
-            net = getattr(importlib.import_module(module), fn)(**kwargs)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"cannot import model.factory {self.factory!r} ({err}); install the package that "
-                             "defines it or fix the name") from err
+        net = resolve_factory(self.factory, allow_code)(**kwargs)
         if self.weights is not None:
             load_weights(net, self._weights())
         extra = {k: v for k, v in (("mean", self.mean), ("std", self.std)) if v is not None}
@@ -167,6 +167,10 @@ class BenchmarkSpec:
     def __post_init__(self):
         for s in self.settings:
             check_setting(s)
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be 0 (load in the main process) or more, got {self.num_workers!r}")
         labels = [m.label for m in self.methods]
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
@@ -177,6 +181,13 @@ class BenchmarkSpec:
             from .metrics import MCE_BASELINES
             if self.mce_baseline not in MCE_BASELINES:
                 raise ValueError(f"mce_baseline must be one of {', '.join(MCE_BASELINES)} or absent")
+
+    def check_factories(self, methods: List[MethodSpec], allow_code: bool = False) -> None:
+        """Refuse a disallowed `factory` (the benchmark's or a method's own) before any model is built."""
+        models = [("model.factory", self.model)] + [(f"method {m.label}: model.factory", m.model) for m in methods]
+        for where, model in models:
+            if model is not None and model.factory is not None:
+                check_factory(model.factory, allow_code, f"{self.source_file or self.name}: {where}")
 
     def select(self, labels: Optional[List[str]]) -> List[MethodSpec]:
         if not labels:
@@ -213,7 +224,6 @@ PACKAGED_SPECS = Path(__file__).parent / "specs"
 
 def load_spec(path) -> BenchmarkSpec:
     """A benchmark YAML file, or the name of one shipped inside the package (`quick`)."""
-    import yaml
     path = Path(path)
     if not path.is_file() and (PACKAGED_SPECS / f"{path}.yaml").is_file():
         path = PACKAGED_SPECS / f"{path}.yaml"
@@ -221,19 +231,59 @@ def load_spec(path) -> BenchmarkSpec:
         shipped = ", ".join(p.stem for p in sorted(PACKAGED_SPECS.glob("*.yaml")))
         raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist; pass a YAML file (see benchmarks/) "
                                 f"or the name of a packaged benchmark: {shipped}")
-    with open(path) as f:
-        values = yaml.load(f, Loader=_unique_keys_loader(yaml, str(path)))
-    return parse_spec(values, str(path))
+    return parse_spec(read_yaml(path), str(path))
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML data of a benchmark file. Only plain data is read (SafeLoader): a tag that would build a Python
+    object is refused, never run. Every failure names the file and line and says what to fix."""
+    import yaml
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: byte 0x{data[err.start]:02x} is not UTF-8 text; save the file as "
+                         "UTF-8") from err
+    try:
+        return yaml.load(text, Loader=_unique_keys_loader(yaml, str(path)))
+    except yaml.constructor.ConstructorError as err:
+        problem = str(err.problem or "")
+        if "could not determine a constructor for the tag" in problem:
+            mark = err.problem_mark
+            where = f"{path}: line {mark.line + 1}" if mark else str(path)
+            tag = problem.rsplit("tag ", 1)[-1].strip("'").replace("tag:yaml.org,2002:", "!!")
+            what = "would build a Python object" if "python/" in tag else "is not plain YAML data"
+            raise ValueError(f"{where}: the tag {tag} {what}; benchmark files hold plain data only and such tags "
+                             "are never run: remove the tag") from None
+        raise _yaml_syntax_error(path, err) from None
+    except yaml.MarkedYAMLError as err:
+        raise _yaml_syntax_error(path, err) from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err}); fix the file") from None
+
+
+def _yaml_syntax_error(path: Path, err) -> ValueError:
+    mark = err.problem_mark or err.context_mark
+    where = f"{path}: line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    what = " ".join(x for x in (err.context, err.problem) if x)
+    return ValueError(f"{where}: not valid YAML ({what}); fix the file (a missing bracket, quote or colon, or a tab "
+                      "used for indentation?)")
 
 
 def _unique_keys_loader(yaml, where: str):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML would keep the last silently).
+    Merge keys (`<<: *common`) work as in YAML: keys written in the mapping override the merged ones."""
     class UniqueKeyLoader(yaml.SafeLoader):
         pass
+
+    merge_tag = "tag:yaml.org,2002:merge"
 
     def mapping(loader, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == merge_tag:  # resolved by construct_mapping; it has no constructor of its own
+                continue
             key = loader.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen

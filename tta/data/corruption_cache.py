@@ -37,7 +37,7 @@ def check_manifest(cache_dir, source: str, input_size, seed: int) -> Path:
               "version": CACHE_VERSION}
     path = cache_dir / MANIFEST
     if path.is_file():
-        found = json.loads(path.read_text())
+        found = _read_manifest(path)
         version = found.get("version", 1)
         if {**found, "version": version} == {**wanted, "version": version} and version < CACHE_VERSION:
             import shutil
@@ -51,6 +51,20 @@ def check_manifest(cache_dir, source: str, input_size, seed: int) -> Path:
     else:
         _write_json(path, wanted)
     return cache_dir
+
+
+def _read_manifest(path: Path) -> dict:
+    """The manifest of a cache folder; a damaged one names the file (what it vouched for is then unknown)."""
+    advice = ("the images in that cache folder can no longer be trusted: delete the folder (it is rebuilt on the "
+              "next run) or point data.cache at another one")
+    try:
+        found = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"corruption cache manifest {str(path)!r} is not valid JSON ({err}); {advice}") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"corruption cache manifest {str(path)!r} holds a JSON {type(found).__name__}, not an "
+                         f"object; {advice}")
+    return found
 
 
 def _write_json(path: Path, content) -> None:
@@ -95,7 +109,13 @@ class CorruptedDataset(Dataset):
         x, y = self.base[i]
         path = self._path(i, y) if self.cache_dir is not None else None
         if path is not None and path.is_file():
-            cached = load_image(path, x.shape[0])
+            try:
+                cached = load_image(path, x.shape[0])
+            except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for a truncated or garbled file
+                # Cache files are written atomically, so a damaged one was damaged afterwards (a disk, a copy):
+                # say which, rather than silently trust or replace what the cache holds.
+                raise ValueError(f"corruption cache file {str(path)!r} is unreadable ({err}); delete it and it is "
+                                 "computed again (or delete the whole cache folder if more files are damaged)") from err
             if cached.shape == x.shape:
                 return cached, y
         # Seed per item and corruption, so a cached and a recomputed image are the same.

@@ -70,9 +70,12 @@ def find_corruption_folder(root, corruption: str, severity: int, what: str = "im
     for folder in candidates:
         if folder.is_dir():
             return folder
-    present = sorted(p.name for p in root.iterdir() if p.is_dir())
-    raise FileNotFoundError(f"{what}: no folder {corruption}/{severity} under {str(root)!r} (found: "
-                            f"{', '.join(present[:20]) or 'nothing'}). Expected <root>/<corruption>/<severity>/<wnid>/"
+    # Only corruption folders are named: root comes from the user or a benchmark file, and echoing what an
+    # arbitrary folder holds (say /etc) would leak its contents into logs.
+    from .corruptions import EXTRA, STANDARD
+    present = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name in STANDARD + EXTRA)
+    raise FileNotFoundError(f"{what}: no folder {corruption}/{severity} under {str(root)!r} (corruption folders "
+                            f"there: {', '.join(present) or 'none'}). Expected <root>/<corruption>/<severity>/<wnid>/"
                             f"*.JPEG; get ImageNet-C from {SOURCES['imagenet-c']}, or build any -C set on the fly "
                             "with a corruption cache (data.cache)")
 

@@ -253,9 +253,21 @@ def read_metadata(path: str) -> Dict[str, Any]:
     """The optional tta_backend.json of a local folder (kind, class names, prompt, map range)."""
     file = os.path.join(os.path.expanduser(path), METADATA_FILE)
     if is_local(path) and os.path.isfile(file):
-        with open(file) as f:
-            return json.load(f)
+        return read_json_file(file, "a judge's metadata (kind, class names)")
     return {}
+
+
+def read_json_file(file: str, what: str) -> Dict[str, Any]:
+    """A JSON object from a judge folder; a damaged file is an error that names it."""
+    try:
+        with open(file, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); it should hold {what}: restore it from the judge's "
+                         "source, or save the judge again with save_pretrained") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} holds a JSON {type(value).__name__}, not an object; it should hold {what}")
+    return value
 
 
 def subfolder(path: str, name: str) -> Optional[str]:

@@ -1,22 +1,21 @@
 """create_backend: a diffusion judge from "<kind>:<hub id or folder>", a bare folder (kind detected) or an object."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, List, Optional, Union
 
 import torch
 
-from .base import BACKENDS, DiffusionBackend, is_local, read_metadata
+from .base import BACKENDS, DiffusionBackend, is_local, read_json_file, read_metadata
 
 PIPELINE_KINDS = {"DiTPipeline": "dit", "StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd"}
+KIND_FILES = "tta_backend.json, model_index.json, unet/config.json or config.json"
 EXAMPLES = ("pixel-unet:/path/to/fmnist_judge, dit:facebook/DiT-XL-2-256, sd:stabilityai/stable-diffusion-2-base, "
             "map-unet:/path/to/seg_judge")
 
 
 def _read_json(file: str) -> dict:
-    with open(file) as f:
-        return json.load(f)
+    return read_json_file(file, "a diffusion judge's configuration")
 
 
 def _unet_kind(config: dict) -> Optional[str]:
@@ -34,12 +33,10 @@ def detect_kind(path: str) -> str:
     if "kind" in meta:
         return meta["kind"]
     local = os.path.expanduser(path)
-    found: List[str] = []
     if is_local(path):
         if not os.path.isdir(local):
             raise FileNotFoundError(f"no diffusion backend folder at {path!r}; pass an existing folder written with "
                                     f"save_pretrained, or a hub id with its kind, e.g. {EXAMPLES}")
-        found = sorted(os.listdir(local))
         index_file = os.path.join(local, "model_index.json")
         index = _read_json(index_file) if os.path.isfile(index_file) else None
     else:
@@ -63,9 +60,13 @@ def detect_kind(path: str) -> str:
                 config = _read_json(config_file)
                 if config.get("_class_name") == "UNet2DModel" and _unet_kind(config):
                     return _unet_kind(config)
-    raise ValueError(f"cannot tell which kind of diffusion backend {path!r} holds (found: {found or 'a hub repo'}); "
-                     f"pass it as '<kind>:<path>' with kind in {BACKENDS.names()}, e.g. {EXAMPLES}, or add a "
-                     f"tta_backend.json with {{\"kind\": ...}} to the folder")
+    # The message names what was looked for, never what the folder holds: the path comes from the user (or from a
+    # benchmark file), and listing an arbitrary folder such as /etc would leak its contents into logs.
+    what = (f"no file in the folder names a judge kind tta knows (it reads {KIND_FILES})" if is_local(path)
+            else f"the model_index.json of hub repository {path!r} names no pipeline tta knows")
+    raise ValueError(f"cannot tell which kind of diffusion backend {path!r} is: {what}; pass a judge folder written "
+                     f"with save_pretrained, or name the kind as '<kind>:<path>' with kind in {BACKENDS.names()}, "
+                     f"e.g. {EXAMPLES}, or add a tta_backend.json with {{\"kind\": ...}} to the folder")
 
 
 def create_backend(name_or_path: Union[str, os.PathLike, DiffusionBackend], kind: Optional[str] = None,
@@ -90,6 +91,11 @@ def create_backend(name_or_path: Union[str, os.PathLike, DiffusionBackend], kind
         if kind is not None and kind != prefix:
             raise ValueError(f"kind={kind!r} contradicts the prefix of {spec!r}")
         kind, spec = prefix, rest
+    elif sep and len(prefix) > 1 and not is_local(spec):
+        # A hub id never holds ':' (and 'C:' is a Windows drive), so this is a kind tta does not know: say so
+        # rather than ask the hub for a repository that cannot exist.
+        raise ValueError(f"unknown diffusion backend kind {prefix!r} in {spec!r}; valid kinds: "
+                         f"{', '.join(BACKENDS.names())}, or zoo:<judge> (tta zoo list); e.g. {EXAMPLES}")
     if not spec:
         raise ValueError(f"empty backend path; pass e.g. {EXAMPLES}")
     kind = kind or detect_kind(spec)

@@ -42,7 +42,11 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
                                 "checkpoint, or drop --weights to use the hub weights")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) for a damaged file
+            raise ValueError(f"cannot read {str(path)!r} as a safetensors checkpoint ({err}); is the file complete? "
+                             "copy or download it again") from err
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

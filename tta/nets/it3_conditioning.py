@@ -79,6 +79,24 @@ class IT3Net(nn.Module):
                 self.embed = nn.Sequential(nn.Linear(num_outputs, channels), nn.LeakyReLU(0.2),
                                            nn.Linear(channels, channels))
 
+    # ---- what the wrapped model knows --------------------------------------------------------------------------
+    # When `net` is an ImageModel (tta.create_model, tta.wrap_model), its input size and class names are the
+    # IT3 network's too: `tta run` and the benchmark runner read them to size and label the data.
+    @property
+    def input_size(self):
+        return getattr(self.net, "input_size", None)
+
+    @input_size.setter
+    def input_size(self, value) -> None:
+        if not hasattr(self.net, "input_size"):
+            raise AttributeError(f"IT3Net's network ({type(self.net).__name__}) has no input_size; wrap it with "
+                                 "tta.wrap_model(net, input_size=...) before IT3Net")
+        self.net.input_size = value
+
+    @property
+    def class_names(self):
+        return getattr(self.net, "class_names", None)
+
     # ---- the signal y ----------------------------------------------------------------------------------------
     def signal(self, outputs: torch.Tensor) -> torch.Tensor:
         """The network's output as the y it is fed back: class probabilities, or the regression output itself."""
