@@ -6,7 +6,8 @@ import pytest
 import torch
 import timm
 
-from tta.bench.cli import main, register
+from tta.bench.cli import register
+from tta.cli import main
 from tta.bench.report import write_report
 from tta.bench.results import read_rows
 from tta.bench.runner import run_benchmark

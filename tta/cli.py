@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .bench.cli import INTERRUPTED
 from .devices import check_device, default_device
 from .threads import add_threads_option, configure_threads
 
@@ -173,7 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
 # Errors that come from what the user gave (a file, a name, a value, the disk) and that the code explains: one line
 # and exit 2. Anything else is a bug in tta and keeps its traceback.
 USER_ERRORS = (KeyError, ValueError, TypeError, OSError)
-INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
 
 # What Ctrl-C leaves behind, per command; commands that write results catch it themselves to count them.
 INTERRUPT_NOTES = {

@@ -1,12 +1,12 @@
-"""`tta bench`, `tta report` and `tta compare`: `register(subparsers)` adds them to the main `tta` parser;
-`main(argv)` runs them alone (python -m tta.bench.cli ...)."""
+"""`tta bench`, `tta report` and `tta compare`: `register(subparsers)` adds them to the main `tta` parser
+(tta/cli.py), which runs them."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..cli import INTERRUPTED
+INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
 
 
 def _split(values: Optional[List[str]]) -> Optional[List[str]]:
@@ -103,12 +103,3 @@ def register(subparsers) -> None:
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_compare)
 
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m tta.bench.cli ...`: the same commands as `tta bench|report|compare`."""
-    from ..cli import main as tta_main
-    return tta_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,6 +18,7 @@ from ..registry import Registry
 from ..data.corruptions import check_corruption, corruption_names
 from ..data.streams import Domain
 from ..data.subsample import labels_of, per_class_indices
+from .fields import expand_path, strict_dataclass
 
 DATA_KINDS = Registry("data kind")
 
@@ -58,17 +59,6 @@ class DataConfig:
             if self.cache else None
 
 
-def expand_path(value: str, what: str, alternative: str = "") -> Path:
-    """~ and $VARS expanded; a variable that is not set is an error rather than a folder named '$VAR'."""
-    import os
-    import re
-    expanded = os.path.expandvars(str(value))
-    unset = re.findall(r"\$\{?(\w+)", expanded)
-    if unset:
-        raise ValueError(f"{what} {value!r} uses the environment variable(s) {', '.join(unset)}, which are not set; "
-                         f"export them (e.g. export {unset[0]}=/path/to/data) {alternative}".rstrip())
-    return Path(expanded).expanduser()
-
 
 @dataclass
 class BuildContext:
@@ -93,7 +83,6 @@ def register_data_kind(name: str, config: type = DataConfig):
 
 
 def parse_data_config(values: Dict) -> DataConfig:
-    from .spec import strict_dataclass
     values = dict(values)
     if "kind" not in values:
         raise ValueError(f"data needs a `kind`; one of {', '.join(DATA_KINDS.names())}")

@@ -15,34 +15,14 @@ at every level, so a typo never silently runs the wrong experiment.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from ..data.streams import check_setting
 from .datasets import DataConfig, parse_data_config
+from .fields import expand_path, strict_dataclass
 from .factories import check_factory, resolve_factory
-
-
-def strict_dataclass(cls, values: Any, where: str):
-    """Build dataclass `cls` from a mapping; unknown or missing keys raise with the list of valid ones."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a mapping of keys to values, got {type(values).__name__}: {values!r}")
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {', '.join(valid)}")
-    from ..adapter import check_field_types
-    check_field_types(cls, values, where)  # a string for a number, "false" for a boolean: ValueError
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise ValueError(f"{where}: {err}; valid keys: {', '.join(valid)}") from err
-    except ValueError as err:  # a value out of range: say in which file and section
-        if str(err).startswith(where):
-            raise
-        raise ValueError(f"{where}: {err}") from err
 
 
 @dataclass
@@ -111,7 +91,6 @@ class ModelSpec:
                           task=self.task or "classification", name=self.factory, **extra)
 
     def _weights(self) -> Optional[Path]:
-        from .datasets import expand_path
         return expand_path(self.weights, "model.weights", "or edit model.weights") if self.weights else None
 
 
