@@ -89,12 +89,16 @@ def main(argv=None) -> None:
         xs = [e for e, _ in pts]
         ys = [100 * c.delta for _, c in pts]
         err = [[100 * (c.delta - c.ci[0]) for _, c in pts], [100 * (c.ci[1] - c.delta) for _, c in pts]]
-        ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, color=color, label=f"{kind} (95% CI)")
+        shift = 1.04 if kind == "clean" else 1.0  # side by side, not on top of each other
+        ax.errorbar([x * shift for x in xs], ys, yerr=err, fmt="o", capsize=3, color=color, label=f"{kind} (95% CI)")
     for label, evals, _, corrupted, _ in points:
         if corrupted is not None:
             ax.annotate(label, (evals, 100 * corrupted.delta), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("judge evaluations per image (pairs x steps, log scale)")
     ax.set_ylabel("accuracy change vs source (points)")
     ax.set_title(f"Gain vs cost: {path.stem}", fontsize=10)
