@@ -78,3 +78,18 @@ def test_zoo_train_never_overwrites_shipped_checkpoints_by_default(monkeypatch, 
     assert name == "fmnist-cnn" and str(out).startswith("runs") and out.resolve() != checkpoint_path(name).resolve()
     assert main(["zoo", "train", "no-such-member"]) == 2
     assert "fmnist-cnn" in capsys.readouterr().err  # the error lists the members
+
+
+def test_run_checks_method_configs_before_any_model_loads(capsys):
+    # the model name is wrong too: the config typo must be what is reported, because it is checked first
+    assert main(["run", "--model", "zoo:no-such-model", "--data", "foolbox:fashionMNIST", "--method", "tent",
+                 "--set", "lrr=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key(s) ['lrr']" in err and "no-such-model" not in err
+
+
+def test_run_shows_the_source_once(capsys):
+    assert main(["run", "--model", "zoo:fmnist-cnn", "--data", "foolbox:fashionMNIST", "--method", "source,tent",
+                 "--limit", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "before (source)" in out and "after (source)" not in out and "after (tent)" in out

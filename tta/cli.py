@@ -100,13 +100,13 @@ def cmd_run(args) -> int:
     from .data import open_images
     device = check_device(args.device)
     torch.manual_seed(args.seed)
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    configs = method_configs(parse_assignments(args.set), methods)
+    for name in methods:  # a typo in a name or a config key fails here, before any model loads
+        tta.adapter.make_config(tta.adapter.ADAPTERS.get(name).Config, None, configs[name])
     model_kwargs = parse_assignments(args.model_set)
     model = tta.create_model(args.model, pretrained=not args.no_pretrained, weights=args.weights, **model_kwargs)
     model = model.to(device).eval()
-    methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    for name in methods:  # fail on a typo before spending time on the source run
-        tta.adapter.ADAPTERS.get(name)
-    configs = method_configs(parse_assignments(args.set), methods)
     dataset = open_images(args.data, model.input_size, model.class_names, on_error=args.on_error)
     loader = _batches(dataset, args.batch_size, args.limit)
     shift = f"{args.corruption}-{args.severity}" if args.corruption else "clean"
@@ -122,6 +122,8 @@ def cmd_run(args) -> int:
         source = _evaluate(model, loader, args.corruption, args.severity, args.seed, device, "source")
     show("before (source)", source)
     for name in methods:
+        if name == "source" and not configs[name]:
+            continue  # the unadapted model: already shown as "before (source)"
         adapter = tta.create_adapter(name, copy.deepcopy(model), **configs[name])
         res = _evaluate(adapter, loader, args.corruption, args.severity, args.seed, device, name)
         show(f"after ({name})", res)
