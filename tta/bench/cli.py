@@ -70,14 +70,13 @@ def cmd_compare(args) -> int:
 
 def register(subparsers) -> None:
     """Add `bench`, `report` and `compare` to an argparse subparsers object."""
-    import torch
-
+    from ..devices import default_device
     from ..threads import add_threads_option
     p = subparsers.add_parser("bench", help="run a benchmark file; resumes: rows already in --out are skipped")
     p.add_argument("benchmark", help="a benchmark YAML file, e.g. benchmarks/imagenet-c.yaml")
     p.add_argument("--methods", action="append", metavar="LABEL[,LABEL]", help="run only these methods (labels)")
     p.add_argument("--limit", type=int, help="at most N images per domain (a seeded random subset), for a quick look")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--out", help="results file (JSON lines); default results/<benchmark file name>.jsonl")
     p.add_argument("--data-root", help="the folder of your copy of the data; overrides data.root of the file")
     p.add_argument("--download", action="store_true",
