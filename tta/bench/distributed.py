@@ -23,8 +23,9 @@ its rows to rank 0 (gather over gloo, so nodes need no shared file system), whic
 the keys of their files at start), and shard rows of the same world size.
 
 Exactness: with a deterministic method the merged rows equal a single-process run's (tests/test_distributed.py).
-Random methods too in episodic streams: the runner seeds torch's global generator per episode from (seed, domain,
-batch), so MEMO's augmentations or a Diffusion-TTA without `seed` draw the same on any rank. Timing fields of
+Random methods too in episodic and reset_per_shift streams: the runner seeds torch's global generator per episode
+from (seed, domain, batch) and at the start of each reset_per_shift domain from (seed, domain), so MEMO's
+augmentations, CoTTA's restores or a Diffusion-TTA without `seed` draw the same on any rank. Timing fields of
 merged episodic rows: `seconds` is the slowest shard's wall time, `seconds_model` the sum over shards (total
 compute).
 """

@@ -2,7 +2,8 @@
 
 Rows already in the results file are skipped, so an interrupted run picks up where it stopped. Settings whose
 model carries state across domains (continual, mixed) replay the stream from its start when any of their rows
-is missing, and write only the missing rows: the adapted state a row depends on is never skipped.
+is missing, and write only the missing rows: the adapted state a row depends on is never skipped. Random draws
+are seeded per episodic batch and per reset_per_shift domain, so a row computed alone equals the uninterrupted one.
 """
 from __future__ import annotations
 
@@ -179,6 +180,7 @@ class Runner:
                 if spec.model.per_domain:
                     for k in ks:
                         d = domains[k]
+                        torch.manual_seed(domain_seed(job.seed, k))  # whatever building the model draws
                         model = spec.model.build(d.class_names, d.templates, allow_code=self.allow_code).eval()
                         adapter = self._adapter(job, model)
                         written += self._run_domains(job, adapter, domains, [k], model.task, bars)
@@ -224,6 +226,10 @@ class Runner:
             events_before = dict(getattr(adapter, "guard_events", {}))
             bar = bars.domain(-(-len(d.dataset) // job.batch_size), f"{job.method.label} {job.setting} {d.label}")
             start = time.perf_counter()
+            if job.setting == "reset_per_shift":
+                # Each domain starts from the source model, and from a random state of its own: a resumed run or
+                # a torchrun rank that computes only this domain draws what the uninterrupted run drew.
+                torch.manual_seed(domain_seed(job.seed, k))
             for batch in self._domain_batches(job, domains, k):
                 if batch.reset and job.setting != "episodic":  # episodic adapters reset themselves after each call
                     adapter.reset()
@@ -298,6 +304,12 @@ class Runner:
 def episode_seed(seed: int, domain: int, batch: int) -> int:
     """The torch seed of one episodic batch (a fixed mix of the three, so neighbours do not share draws)."""
     return (seed * 1_000_003 + domain * 10_007 + batch * 101 + 1) % (2 ** 63)
+
+
+def domain_seed(seed: int, domain: int) -> int:
+    """The torch seed at the start of domain `domain` of a reset_per_shift stream (episode_seed's mix, batch -1, so
+    it is not the seed of any episodic batch)."""
+    return episode_seed(seed, domain, -1)
 
 
 def _limited(domains: List[Domain], limit: Optional[int]) -> List[Domain]:
