@@ -98,6 +98,7 @@ def _evaluate(predict, loader, corruption, severity, seed, device, desc) -> Dict
 def cmd_run(args) -> int:
     import tta
     from .data import open_images
+    from .data.images import printable
     device = check_device(args.device)
     torch.manual_seed(args.seed)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
@@ -110,9 +111,10 @@ def cmd_run(args) -> int:
     dataset = open_images(args.data, model.input_size, model.class_names, on_error=args.on_error)
     loader = _batches(dataset, args.batch_size, args.limit)
     shift = f"{args.corruption}-{args.severity}" if args.corruption else "clean"
-    print(f"model {args.model} | data {args.data} ({len(loader.dataset)} images, {shift}) | device {args.device}")
+    print(f"model {args.model} | data {printable(args.data)} ({len(loader.dataset)} images, {shift}) | "
+          f"device {args.device}")
     if dataset.skipped:
-        print(f"skipped {len(dataset.skipped)} unreadable file(s): {', '.join(dataset.skipped[:5])}")
+        print(dataset.skipped_summary())
 
     def show(label: str, res: Dict[str, object]) -> None:
         acc = "n/a (unlabelled data)" if res["accuracy"] is None else f"{100 * res['accuracy']:.1f}%"

@@ -22,7 +22,7 @@ def cmd_bench(args) -> int:
     out = Path(args.out) if args.out else Path("results") / f"{Path(args.benchmark).stem}.jsonl"
     kwargs = dict(methods=_split(args.methods), limit=args.limit, device=args.device, data_root=args.data_root,
                   download=args.download, progress=not args.no_progress, num_workers=args.num_workers,
-                  allow_code=args.allow_code)
+                  allow_code=args.allow_code, on_error=args.on_error)
     from .distributed import distributed_env, run_distributed
     if distributed_env().world_size > 1:  # torchrun: this rank's share, merged into `out` by rank 0
         summary = run_distributed(spec, out, **kwargs)
@@ -87,6 +87,10 @@ def register(subparsers) -> None:
     p.add_argument("--allow-code", action="store_true",
                    help="let model.factory call functions outside tta, timm, torchvision, open_clip, "
                         "segmentation_models_pytorch and diffusers (a factory runs code: only for files you trust)")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="unreadable image files (data kinds folder, foolbox, imagenet-c, imagenet-variant): raise "
+                        "stops naming the file; skip reads every file once up front, drops and lists the unreadable "
+                        "ones, and records how many in each row (domain_info.skipped_files)")
     add_threads_option(p)
     p.set_defaults(func=cmd_bench)
 

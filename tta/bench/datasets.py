@@ -7,6 +7,8 @@ cached on disk (tta.data.corruption_cache). A later suite adds its own kind with
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -66,6 +68,7 @@ class BuildContext:
     class_names: Optional[List[str]] = None   # the model's
     download: bool = False
     limit: Optional[int] = None              # --limit: at most this many images per domain
+    on_error: str = "raise"                  # --on-error: "skip" drops unreadable image files (kinds that read them)
 
 
 @dataclass
@@ -90,7 +93,16 @@ def parse_data_config(values: Dict) -> DataConfig:
     return strict_dataclass(kind.config, values, f"data (kind {values['kind']})")
 
 
+# Kinds that read image files one by one (tta.data.images.ImageList), so that one unreadable file can be skipped.
+SKIPPABLE_KINDS = ("imagenet-c", "imagenet-variant", "folder", "foolbox")
+
+
 def build_domains(cfg: DataConfig, ctx: BuildContext) -> List[Domain]:
+    if ctx.on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {ctx.on_error!r}")
+    if ctx.on_error == "skip" and cfg.kind not in SKIPPABLE_KINDS:
+        raise ValueError(f"--on-error skip applies to the data kinds that read image files one by one "
+                         f"({', '.join(SKIPPABLE_KINDS)}), not to {cfg.kind!r}; leave it out")
     domains = DATA_KINDS.get(cfg.kind).build(cfg, ctx)
     return [_subsample(d, cfg, ctx.limit) for d in domains]
 
@@ -139,10 +151,35 @@ def half_of_each_class(labels, part: str, seed: int = 0) -> List[int]:
     return sorted(keep)
 
 
+def image_list(items, ctx: BuildContext):
+    """An ImageList sized for the model that skips unreadable files under --on-error skip."""
+    from ..data.images import ImageList
+    return ImageList(items, ctx.input_size, on_error=ctx.on_error)
+
+
+def skipped_info(ds) -> Dict[str, object]:
+    """What a row records of the files --on-error skip dropped (nothing when none was): how many, which (as
+    printable names), and a `data_id_suffix` that the runner adds to the row's data_id. Dropping a file shifts the
+    index of every later image, so rows (and cached corruptions) made without it must never be taken for rows of
+    the whole folder, e.g. once the file is fixed."""
+    from ..data.images import printable
+    skipped = getattr(ds, "skipped", None)
+    if not skipped:
+        return {}
+    print(f"data: {ds.skipped_summary()} (--on-error skip); each row records them in domain_info", file=sys.stderr)
+    names = [printable(p) for p in skipped]
+    digest = hashlib.sha1("\n".join(sorted(names)).encode()).hexdigest()[:8]
+    return {"skipped_files": len(names), "skipped": names, "data_id_suffix": f"-{len(names)}unreadable:{digest}"}
+
+
 def with_corruptions(base: Dataset, cfg: DataConfig, source: str, input_size, name: str = "clean",
                      **domain_kw) -> List[Domain]:
     """Domains for an uncorrupted set: clean (when asked or when no corruption is listed) plus corruptions."""
     from ..data.corruption_cache import CorruptedDataset
+    info = skipped_info(base)
+    if info:
+        domain_kw["info"] = {**domain_kw.get("info", {}), **info}
+        source += info["data_id_suffix"]  # its own cache: item i is another image than in the whole folder
     corruptions = cfg.corruption_list()
     domains = [Domain(name, base, **domain_kw)] if cfg.clean or not corruptions else []
     for c in corruptions:
@@ -156,12 +193,15 @@ def with_corruptions(base: Dataset, cfg: DataConfig, source: str, input_size, na
 # ---- the kinds ---------------------------------------------------------------------------------------------
 @register_data_kind("imagenet-c")
 def _imagenet_c(cfg: DataConfig, ctx: BuildContext) -> List[Domain]:
-    from ..data.images import ImageList
     from ..data.imagenet_c import imagenet_c_items
     root = cfg.resolved_root("imagenet-c")
     names = cfg.corruption_list() or corruption_names("standard")
-    return [Domain(c, ImageList(imagenet_c_items(root, c, s), ctx.input_size), severity=s)
-            for c in names for s in cfg.severities]
+    domains = []
+    for c in names:
+        for s in cfg.severities:
+            ds = image_list(imagenet_c_items(root, c, s), ctx)
+            domains.append(Domain(c, ds, severity=s, info=skipped_info(ds)))
+    return domains
 
 
 @dataclass
@@ -185,10 +225,9 @@ class VariantConfig(DataConfig):
 
 @register_data_kind("imagenet-variant", VariantConfig)
 def _imagenet_variant(cfg: VariantConfig, ctx: BuildContext) -> List[Domain]:
-    from ..data.images import ImageList
     from ..data.imagenet_c import imagenet_variant_items
     items, subset = imagenet_variant_items(cfg.resolved_root("imagenet-variant"), cfg.variant)
-    return with_corruptions(ImageList(items, ctx.input_size), cfg, f"imagenet-{cfg.variant}", ctx.input_size,
+    return with_corruptions(image_list(items, ctx), cfg, f"imagenet-{cfg.variant}", ctx.input_size,
                             name=f"imagenet-{cfg.variant}", class_subset=subset)
 
 
@@ -196,7 +235,7 @@ def _imagenet_variant(cfg: VariantConfig, ctx: BuildContext) -> List[Domain]:
 def _folder(cfg: DataConfig, ctx: BuildContext) -> List[Domain]:
     from ..data.images import open_images
     root = cfg.resolved_root("folder")
-    ds = open_images(str(root), ctx.input_size, ctx.class_names)
+    ds = open_images(str(root), ctx.input_size, ctx.class_names, ctx.on_error)
     return with_corruptions(ds, cfg, f"folder:{root.resolve()}", ctx.input_size, name=root.name or "folder")
 
 
@@ -208,7 +247,7 @@ class FoolboxConfig(DataConfig):
 @register_data_kind("foolbox", FoolboxConfig)
 def _foolbox(cfg: FoolboxConfig, ctx: BuildContext) -> List[Domain]:
     from ..data.images import open_images
-    ds = open_images(f"foolbox:{cfg.set}", ctx.input_size, ctx.class_names)
+    ds = open_images(f"foolbox:{cfg.set}", ctx.input_size, ctx.class_names, ctx.on_error)
     return with_corruptions(ds, cfg, f"foolbox:{cfg.set}", ctx.input_size, name=f"foolbox-{cfg.set}")
 
 

@@ -104,9 +104,11 @@ def _thin(curve: List[List[float]]) -> List[List[float]]:
 class Runner:
     def __init__(self, spec: BenchmarkSpec, out, methods: Optional[List[str]] = None, limit: Optional[int] = None,
                  device: Optional[str] = None, data_root: Optional[str] = None, download: bool = False,
-                 progress: bool = True, num_workers: Optional[int] = None, allow_code: bool = False):
+                 progress: bool = True, num_workers: Optional[int] = None, allow_code: bool = False,
+                 on_error: str = "raise"):
         """`allow_code` lets the benchmark's `factory:` fields call functions outside tta.bench.factories's
-        allowed packages: give it only for a file you trust, as a factory runs code."""
+        allowed packages: give it only for a file you trust, as a factory runs code. `on_error="skip"` drops
+        unreadable image files (each row records how many in domain_info.skipped_files)."""
         if data_root is not None:
             spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, root=str(data_root)))
         if limit is not None and limit < 1:
@@ -115,6 +117,7 @@ class Runner:
         selected = spec.select(methods)
         spec.check_factories(selected, allow_code)  # before anything is built, imported or written
         self.allow_code = allow_code
+        self.on_error = on_error
         self.spec = spec
         self.store = ResultStore(out)
         self.jobs = plan_jobs(spec, selected)
@@ -134,7 +137,8 @@ class Runner:
         return {"benchmark": self.spec.name, "method": job.method.label, "adapter": job.method.name,
                 "config": job.config, "config_id": job.config_id,
                 "model": model_id(self.spec, job.method.model) if job.method.model else self.model_id,
-                "data_id": self.data_id + (f"+first{job.method.limit}" if job.method.limit else ""),
+                "data_id": self.data_id + (f"+first{job.method.limit}" if job.method.limit else "")
+                + domain.info.get("data_id_suffix", ""),  # files --on-error skip dropped (tta.bench.datasets)
                 "data": self.data, "domain": domain.name, "severity": domain.severity, "setting": job.setting,
                 "batch_size": job.batch_size, "seed": job.seed}
 
@@ -155,7 +159,7 @@ class Runner:
         else:
             base_model = spec.model.build(allow_code=self.allow_code).eval()
             input_size, class_names, task = base_model.input_size, base_model.class_names, base_model.task
-        ctx = BuildContext(tuple(input_size), class_names, self.download, self.limit)
+        ctx = BuildContext(tuple(input_size), class_names, self.download, self.limit, self.on_error)
         domains = all_domains = build_domains(spec.data, ctx)
         if not domains:
             raise ValueError("the data section yields no domains; list corruptions or set clean: true")
