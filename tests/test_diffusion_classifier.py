@@ -117,10 +117,28 @@ def test_fit_temperature_recovers_the_generating_temperature():
 
 
 def test_calibrate_sets_the_temperature():
-    judge, images, bayes = gaussian_problem(n=8)
+    judge, images, bayes = gaussian_problem(n=24)
+    labels = torch.where(torch.arange(24) % 4 == 0, (bayes + 1) % 10, bayes)  # some images wrong: a finite optimum
     clf = DiffusionClassifier(judge, samples=(20,), seed=0, micro_batch=200)
-    temperature = clf.calibrate(images, bayes)
+    temperature = clf.calibrate(images, labels)
     assert clf.temperature == temperature and temperature < 1.0  # raw errors give a near-uniform softmax
+
+
+def test_degenerate_calibration_is_refused_and_changes_nothing():
+    labels = torch.arange(12) % 3
+    separated = torch.ones(12, 3)
+    separated[torch.arange(12), labels] = 0.0  # every image right, with margin: the NLL falls as temperature -> 0
+    with pytest.raises(ValueError, match="at least 10 labelled held-out images, got 4"):
+        fit_temperature(separated[:4], labels[:4])
+    with pytest.raises(ValueError, match="all 12 calibration images are classified correctly"):
+        fit_temperature(separated, labels)
+    with pytest.raises(ValueError, match="end of its range"):  # every image wrong: the best fit is uniform
+        fit_temperature(1.0 - separated, labels)
+    judge, images, bayes = gaussian_problem(n=4)
+    clf = DiffusionClassifier(judge, samples=(20,), seed=0, micro_batch=200, temperature=0.5)
+    with pytest.raises(ValueError, match="got 4"):
+        clf.calibrate(images, bayes)
+    assert clf.temperature == 0.5
 
 
 def test_clear_errors():
@@ -150,6 +168,21 @@ def test_model_source(folders, kind):
     assert model.num_classes == k and model.task == "classification"
     out = model(torch.rand(2, 3, *model.input_size[1:]))
     assert out.shape == (2, k) and torch.isfinite(out).all()
+
+
+def test_the_model_of_the_diffusion_source_calibrates(folders):
+    model = tta.create_model(f"diffusion:pixel-unet@{folders['pixel-unet']}", samples=(2,), seed=0, micro_batch=10)
+    images = torch.rand(12, 3, 16, 16)
+    predictions = model(images).argmax(1)
+    with pytest.raises(ValueError, match="classified correctly"):
+        model.calibrate(images, predictions)
+    labels = predictions.clone()
+    labels[0] = (labels[0] + 1) % 5  # one image wrong: the fit has a finite optimum
+    temperature = model.calibrate(images, labels)
+    assert model.temperature == model.net.temperature == temperature != 1.0
+    assert torch.equal(model(images).argmax(1), predictions)  # calibration changes probabilities, not decisions
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model.calibrate(images * 255, labels)
 
 
 def test_method_ignores_the_model_and_has_nothing_to_train(folders):

@@ -81,15 +81,44 @@ def resolve_schedule(preset: Optional[str] = None, keep: Optional[Sequence[int]]
     return keep, samples
 
 
+# Fewer held-out images than this give a temperature that is mostly noise: refused rather than fitted.
+MIN_CALIBRATION_IMAGES = 10
+# The search spans this many e-folds of 1/temperature either side of 1/(spread of the errors); an optimum at an end
+# means the likelihood has no finite optimum (see fit_temperature).
+SEARCH_HALF_WIDTH = 12.0
+
+
+def check_calibration_size(n: int) -> None:
+    """Refuse a calibration set of n images that is too small to fit a temperature from."""
+    if n < MIN_CALIBRATION_IMAGES:
+        raise ValueError(f"calibrating the temperature needs at least {MIN_CALIBRATION_IMAGES} labelled held-out "
+                         f"images, got {n}; pass more (a few hundred give a stable temperature)")
+
+
 def fit_temperature(errors: torch.Tensor, labels: torch.Tensor, iterations: int = 100) -> float:
     """The temperature that minimises the NLL of softmax(-errors / temperature) on held-out (errors, labels).
 
-    The NLL is convex in 1/temperature, so a golden-section search over log(1/temperature) finds it.
+    The NLL is convex in 1/temperature, so a golden-section search over log(1/temperature) finds it. Degenerate
+    fits are refused with a ValueError rather than returned: fewer than MIN_CALIBRATION_IMAGES images; every image
+    already ranked right (the NLL then keeps falling as the temperature goes to 0, so any "fit" is an arbitrarily
+    overconfident one); or an optimum at the end of the search range (errors that carry no information about the
+    labels give an infinite temperature).
     """
     errors = errors.detach().double()
     labels = labels.to(errors.device).long()
     if errors.dim() != 2 or labels.shape != errors.shape[:1]:
         raise ValueError(f"errors must be (N, K) and labels (N,), got {tuple(errors.shape)} and {tuple(labels.shape)}")
+    n = errors.shape[0]
+    check_calibration_size(n)
+    if labels.min() < 0 or labels.max() >= errors.shape[1]:
+        raise ValueError(f"labels must be class indices in [0, {errors.shape[1] - 1}], got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    true_error = errors.gather(1, labels[:, None])
+    others = errors.scatter(1, labels[:, None], float("inf"))
+    if bool((true_error < others.min(1, keepdim=True).values).all()):
+        raise ValueError(f"all {n} calibration images are classified correctly, so no temperature can be fitted: "
+                         "the likelihood keeps improving as the temperature goes to 0 (an arbitrarily confident "
+                         "classifier); calibrate on more held-out images, including some the classifier gets wrong")
     z = -(errors - errors.mean(1, keepdim=True))
 
     def nll(log_scale: float) -> float:
@@ -97,7 +126,8 @@ def fit_temperature(errors: torch.Tensor, labels: torch.Tensor, iterations: int 
         return float((torch.logsumexp(logits, 1) - logits.gather(1, labels[:, None])[:, 0]).mean())
 
     spread = float(z.std().clamp_min(1e-12))
-    lo, hi = -math.log(spread) - 12.0, -math.log(spread) + 12.0
+    lo, hi = -math.log(spread) - SEARCH_HALF_WIDTH, -math.log(spread) + SEARCH_HALF_WIDTH
+    bounds = lo, hi
     g = (math.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
     fa, fb = nll(a), nll(b)
@@ -110,7 +140,13 @@ def fit_temperature(errors: torch.Tensor, labels: torch.Tensor, iterations: int 
             lo, a, fa = a, b, fb
             b = lo + g * (hi - lo)
             fb = nll(b)
-    return math.exp(-(lo + hi) / 2)
+    best = (lo + hi) / 2
+    if min(best - bounds[0], bounds[1] - best) < 1e-2:
+        raise ValueError(f"the temperature fit on {n} images ran to the end of its range "
+                         f"(temperature {math.exp(-best):.3g}): the errors carry almost no information about these "
+                         "labels; check that the labels index the classifier's classes in its order "
+                         "(model.class_names), and calibrate on more held-out images")
+    return math.exp(-best)
 
 
 class DiffusionClassifier(nn.Module):
@@ -204,7 +240,13 @@ class DiffusionClassifier(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 16) -> float:
-        """Fit and set the temperature on held-out labelled images; returns it."""
+        """Fit and set the temperature on held-out labelled images; returns it. A degenerate fit (too few images,
+        or all of them right) is refused with a ValueError and leaves the temperature as it was (fit_temperature)."""
+        labels = torch.as_tensor(labels)
+        if labels.shape != (len(images),):
+            raise ValueError(f"calibrate needs one label per image: {len(images)} images, labels of shape "
+                             f"{tuple(labels.shape)}")
+        check_calibration_size(len(images))  # before the costly scoring
         errors = torch.cat([self.errors(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
         self.temperature = fit_temperature(errors, labels)
         return self.temperature

@@ -2,8 +2,8 @@
 
 Predicts argmin_c E_{t,eps} || eps_theta(x_t, t, c) - eps || with the same noise for every class at a
 timestep, timesteps on an evenly spaced grid and adaptive multi-stage pruning of classes. Logits are
--error / temperature; fit the temperature on held-out data (DiffusionClassifier.calibrate) for calibrated
-probabilities.
+-error / temperature; fit the temperature on held-out data (`model.calibrate(images, labels)` on the model the
+`diffusion:` source returns, DiffusionClassifierModel) for calibrated probabilities.
 
 Defaults and presets follow the authors' commands (github.com/diffusion-classifier/diffusion-classifier,
 commands.md, run with eval_prob_adaptive.py): `preset` names a data set and sets its pruning schedule and its
@@ -40,7 +40,7 @@ from ..generative.classifier import PRUNING_PRESETS, DiffusionClassifier, resolv
 from ..generative.loading import create_backend
 from ..generative.sampling import LOSSES
 from ..models.sources import MODEL_SOURCES
-from ..models.wrapper import ImageModel
+from ..models.wrapper import ImageModel, check_images
 from ..registry import unknown_name_message
 from .diffusion_tta import JudgedAdapter
 
@@ -111,5 +111,22 @@ def diffusion_model(name: str, pretrained: bool = True, weights=None, class_name
     backend = create_backend(spec, **backend_options, **kwargs)
     classifier = DiffusionClassifier(backend, **options)
     c = backend.image_channels
-    return ImageModel(classifier, (0.0,) * c, (1.0,) * c, backend.class_names, (c, *backend.image_size),
-                      name=f"diffusion:{name}")
+    return DiffusionClassifierModel(classifier, (0.0,) * c, (1.0,) * c, backend.class_names,
+                                    (c, *backend.image_size), name=f"diffusion:{name}")
+
+
+class DiffusionClassifierModel(ImageModel):
+    """What the `diffusion:` source returns: an ImageModel over a DiffusionClassifier, with the classifier's
+    temperature and its calibration on the model itself."""
+
+    @property
+    def temperature(self) -> float:
+        return self.net.temperature
+
+    def calibrate(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 16) -> float:
+        """Fit and set the temperature of the logits (-error / temperature) on held-out labelled [0, 1] images, so
+        softmax(logits) are calibrated probabilities; returns it. Predictions (the argmax) do not change. Refused
+        with a ValueError, the temperature unchanged, when the fit is degenerate: fewer than
+        MIN_CALIBRATION_IMAGES images, or every image already classified right (tta.generative.fit_temperature)."""
+        check_images(images, self.input_size[0])
+        return self.net.calibrate(self.normalize(images), labels, batch_size)
