@@ -4,6 +4,8 @@ The small judges the project trains (e.g. Fashion-MNIST, 28x28 or 32x32, one cha
 kind. Soft labels enter as weights @ class-embedding table, in place of the table lookup.
 Folder layout: unet/ (UNet2DModel) and scheduler/ (a DDPM or DDIM scheduler config), as DDPMPipeline saves
 it, or one flat folder with the UNet's config.json, its weights and scheduler_config.json.
+A judge trained on per-image standardised images says so in its tta_backend.json (`"input_norm": "per-image"`),
+and then sees every image standardised the same way (tta.generative.base.normalise_judge_input).
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .base import (DiffusionBackend, load_component, load_scheduler, prepare_images, read_metadata,
-                   register_backend, replaced_outputs)
+from .base import (INPUT_NORMS, DiffusionBackend, load_component, load_scheduler, normalise_judge_input,
+                   prepare_images, read_metadata, register_backend, replaced_outputs)
 
 LAYOUT = "unet/ (UNet2DModel with num_class_embeds) + scheduler/ (scheduler_config.json), or a flat folder"
 
@@ -26,7 +28,8 @@ def _square(size) -> tuple:
 class PixelUNetBackend(DiffusionBackend):
     conditioning = "class"
 
-    def __init__(self, unet: nn.Module, scheduler, class_names: Optional[Sequence[str]] = None):
+    def __init__(self, unet: nn.Module, scheduler, class_names: Optional[Sequence[str]] = None,
+                 input_norm: str = "none"):
         table = getattr(unet, "class_embedding", None)
         if not isinstance(table, nn.Embedding) or unet.config.class_embed_type is not None:
             raise ValueError("a pixel-unet judge needs a UNet2DModel with a class-embedding table "
@@ -37,16 +40,21 @@ class PixelUNetBackend(DiffusionBackend):
             raise ValueError(f"{len(class_names)} class names given for a judge with {k} classes")
         super().__init__(scheduler, _square(unet.config.sample_size), unet.config.out_channels,
                          class_names or [f"class_{i}" for i in range(k)])
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
         self.unet = unet.eval().requires_grad_(False)
+        self.input_norm = input_norm
 
     @classmethod
     def from_pretrained(cls, path: str, class_names: Optional[Sequence[str]] = None, torch_dtype=None,
-                        **kwargs) -> "PixelUNetBackend":
+                        input_norm: Optional[str] = None, **kwargs) -> "PixelUNetBackend":
         from diffusers import UNet2DModel
         extra = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         unet = load_component(UNet2DModel, path, "unet", cls.kind, LAYOUT, **extra, **kwargs)
         scheduler = load_scheduler(path, cls.kind, LAYOUT)
-        return cls(unet, scheduler, class_names or read_metadata(path).get("class_names"))
+        meta = read_metadata(path)
+        return cls(unet, scheduler, class_names or meta.get("class_names"),
+                   input_norm or meta.get("input_norm", "none"))
 
     @property
     def denoiser(self) -> nn.Module:
@@ -54,7 +62,8 @@ class PixelUNetBackend(DiffusionBackend):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return prepare_images(images, self.image_size, self.unet.config.in_channels).to(self.unet.dtype)
+        x = prepare_images(images, self.image_size, self.unet.config.in_channels)
+        return normalise_judge_input(x, self.input_norm).to(self.unet.dtype)
 
     def condition(self, weights: torch.Tensor) -> torch.Tensor:
         self.check_weights(weights)

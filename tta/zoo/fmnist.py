@@ -41,11 +41,26 @@ class FashionCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def load_classifier(path: Optional[Path]) -> ImageModel:
-    net = FashionCNN()
+class PerImageStandardise(nn.Module):
+    """Each image shifted to zero mean and scaled to unit standard deviation on its own: blind to brightness and
+    contrast. The control for fmnist-judge-std: the same input normalisation without a generative model."""
+
+    def forward(self, x):
+        flat = x.flatten(1)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return (x - flat.mean(1).view(shape)) / (flat.std(1, unbiased=False).view(shape) + 1e-2)
+
+
+def load_classifier(path: Optional[Path], standardise: bool = False) -> ImageModel:
+    net = nn.Sequential(PerImageStandardise(), FashionCNN()) if standardise else FashionCNN()
     if path is not None:
         load_weights(net, path)
-    return ImageModel(net, MEAN, STD, CLASS_NAMES, (1, 28, 28), name="zoo:fmnist-cnn")
+    name = "zoo:fmnist-cnn-std" if standardise else "zoo:fmnist-cnn"
+    return ImageModel(net, MEAN, STD, CLASS_NAMES, (1, 28, 28), name=name)
+
+
+def load_standardised_classifier(path: Optional[Path]) -> ImageModel:
+    return load_classifier(path, standardise=True)
 
 
 def load_it3_classifier(path: Optional[Path]):
@@ -58,14 +73,15 @@ def load_it3_classifier(path: Optional[Path]):
 
 
 def train_classifier(out: Path, steps: Optional[int] = None, device: str = "cpu", seed: int = 0,
-                     it3: bool = False) -> dict:
+                     it3: bool = False, standardise: bool = False) -> dict:
     """Adam with a one-cycle schedule (peak 3e-3), batch 128, 2 epochs by default, no augmentation (the
-    corruptions must stay unseen). With it3=True the network is trained as IT3's f(x, y) with its own loss."""
+    corruptions must stay unseen). With it3=True the network is trained as IT3's f(x, y) with its own loss; with
+    standardise=True it sees each image standardised on its own (PerImageStandardise)."""
     from ..nets import it3_training_loss
     torch.manual_seed(seed)
     x, y = load_fashion_mnist("train")
     xt, yt = load_fashion_mnist("test")
-    model = (load_it3_classifier(None) if it3 else load_classifier(None)).to(device)
+    model = (load_it3_classifier(None) if it3 else load_classifier(None, standardise)).to(device)
     steps = steps or 2 * math.ceil(len(x) / 128)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
@@ -97,6 +113,10 @@ def train_it3_classifier(out: Path, steps: Optional[int] = None, device: str = "
     return train_classifier(out, steps, device, seed, it3=True)
 
 
+def train_standardised_classifier(out: Path, steps: Optional[int] = None, device: str = "cpu", seed: int = 0) -> dict:
+    return train_classifier(out, steps, device, seed, standardise=True)
+
+
 def build_judge_unet(size: int = JUDGE_SIZE):
     from diffusers import UNet2DModel
     return UNet2DModel(sample_size=size, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
@@ -106,16 +126,17 @@ def build_judge_unet(size: int = JUDGE_SIZE):
 
 def train_judge(out: Path, steps: Optional[int] = None, device: str = "cpu", seed: int = 0,
                 batch_size: int = 128, save_every: int = 250, resume: bool = False, size: int = JUDGE_SIZE,
-                name: str = "fmnist-judge") -> dict:
+                name: str = "fmnist-judge", input_norm: str = "none") -> dict:
     """The shared DDPM recipe (tta.zoo.ddpm), 3000 steps of batch 128 by default, class labels as condition,
     on the clean training split only. The training state is kept beside `out` (`<out>.train-state.pt`) so that
-    `resume=True` continues an interrupted run."""
-    from ..generative.base import prepare_images
+    `resume=True` continues an interrupted run. `input_norm` is written to the judge's tta_backend.json, so the
+    judge sees test images normalised as its training images were."""
+    from ..generative.base import normalise_judge_input, prepare_images
     from .ddpm import save_judge_folder, train_ddpm, training_state_path
     x, y = load_fashion_mnist("train")
-    x = prepare_images(x, (size, size), 1)  # the judge's own preprocessing, done once
+    x = normalise_judge_input(prepare_images(x, (size, size), 1), input_norm)  # the judge's own preprocessing, once
     meta = {"kind": "pixel-unet", "class_names": list(CLASS_NAMES), "data": f"Fashion-MNIST train, {size}x{size}",
-            "recipe": f"tta zoo train {name}"}
+            "recipe": f"tta zoo train {name}", **({"input_norm": input_norm} if input_norm != "none" else {})}
     metrics = train_ddpm(
         lambda: build_judge_unet(size), len(x), lambda idx: (x[idx], y[idx].to(device)),
         lambda unet, x_t, t, labels: unet(x_t, t, class_labels=labels).sample,
@@ -132,11 +153,21 @@ def train_native_judge(out: Path, steps: Optional[int] = None, device: str = "cp
     return train_judge(out, steps, device, seed, resume=resume, size=NATIVE_JUDGE_SIZE, name="fmnist-judge32")
 
 
+def train_standardised_judge(out: Path, steps: Optional[int] = None, device: str = "cpu", seed: int = 0,
+                             resume: bool = False) -> dict:
+    """fmnist-judge's recipe unchanged (16x16, same UNet, steps, batch, seed) on per-image standardised images."""
+    return train_judge(out, steps, device, seed, resume=resume, name="fmnist-judge-std", input_norm="per-image")
+
+
 register_member(ZooMember("fmnist-cnn", "Fashion-MNIST CNN with batch norm (28x28 grey, 10 classes)",
                           train_classifier, load_classifier, "fmnist-cnn.pt"))
+register_member(ZooMember("fmnist-cnn-std", "the same CNN on per-image standardised input (fmnist-judge-std's control)",
+                          train_standardised_classifier, load_standardised_classifier, "fmnist-cnn-std.pt"))
 register_member(ZooMember("fmnist-it3", "the same CNN trained as IT3's f(x, y), y injected after the first pooling",
                           train_it3_classifier, load_it3_classifier, "fmnist-it3.pt"))
 register_member(ZooMember("fmnist-judge", "class-conditional pixel diffusion judge for Fashion-MNIST (16x16)",
                           train_judge, None, "fmnist-judge"))
 register_member(ZooMember("fmnist-judge32", "the same judge recipe at native resolution (28x28 resized to 32x32)",
                           train_native_judge, None, "fmnist-judge32"))
+register_member(ZooMember("fmnist-judge-std", "fmnist-judge's recipe on per-image standardised images (blind to "
+                          "brightness and contrast)", train_standardised_judge, None, "fmnist-judge-std"))
