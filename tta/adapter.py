@@ -7,127 +7,40 @@ the optimizer and the episodic/online loop, so every method gets them right the 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import dataclasses
 import math
-import numbers
-import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .config import Beta, Fraction, Rate, Steps, check_config, make_config
 from .registry import Registry, unknown_name_message
 
 ADAPTERS = Registry("adapter")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+COLLAPSE_MIN_BATCH = 16  # the smallest batch whose predictions the guard calls a collapse (Adapter.collapsed)
 
 
 @dataclass
 class AdapterConfig:
     """Settings every method shares. Subclasses override the defaults with their paper's."""
-    steps: int = 1                 # optimizer steps per call
+    steps: Steps = 1               # optimizer steps per call
     episodic: bool = False         # restore the source state after every call (per-example / per-batch TTA)
     optimizer: str = "sgd"         # sgd | adam | adamw
-    lr: float = 1e-3
-    momentum: float = 0.9          # SGD only
-    weight_decay: float = 0.0
-    betas: Tuple[float, float] = (0.9, 0.999)  # Adam / AdamW only
+    lr: Rate = 1e-3
+    momentum: Fraction = 0.9       # SGD only
+    weight_decay: Rate = 0.0
+    betas: Tuple[Beta, Beta] = (0.9, 0.999)  # Adam / AdamW only
     guard: bool = True             # skip non-finite updates; restore the source state on divergence or collapse
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
-            raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}")
+        check_config(self)  # types and declared ranges (tta.config), before the checks that combine fields
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(unknown_name_message("optimizer", self.optimizer, OPTIMIZERS))
-        if not (isinstance(self.lr, (int, float)) and self.lr >= 0):
-            raise ValueError(f"lr must be a non-negative number, got {self.lr!r}")
         self.betas = tuple(self.betas)
-
-
-def make_config(config_cls, cfg=None, overrides: Optional[Dict[str, Any]] = None):
-    """Build `config_cls` from an optional instance or dict plus keyword overrides; unknown keys are errors."""
-    values: Dict[str, Any] = {}
-    if isinstance(cfg, dict):
-        values.update(cfg)
-    elif cfg is not None:
-        values.update(dataclasses.asdict(cfg))
-    values.update(overrides or {})
-    valid = [f.name for f in dataclasses.fields(config_cls)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise TypeError(f"unknown config key(s) {unknown} for {config_cls.__qualname__}; "
-                        f"valid keys: {', '.join(valid)}")
-    check_field_types(config_cls, values, config_cls.__qualname__)
-    return config_cls(**values)
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether `value` fits the annotation `hint` (the types config and spec dataclasses use); an annotation this
-    does not know is not checked."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin is Union:
-        return any(_matches(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin in (tuple, list):
-        if not isinstance(value, (tuple, list)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
-        return all(_matches(v, args[0]) for v in value) if args else True
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return isinstance(value, (hint, dict))  # a nested spec section, built from its mapping
-    return True
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union:
-        return " or ".join(_describe(a) for a in args)
-    if hint is type(None):
-        return "null"
-    if origin in (tuple, list):
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
-        return f"a list of {_describe(args[0])}" if args else "a list"
-    if origin is dict:
-        return "a mapping"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        hint, getattr(hint, "__name__", str(hint)))
-
-
-def check_field_types(cls, values: Dict[str, Any], where: str) -> None:
-    """Refuse values of the wrong type (a string for a number, "false" for a boolean) before they silently mean
-    something else; the message names the field, the expected type and how to write it."""
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        hint = hints.get(key)
-        if hint is None or _matches(value, hint):
-            continue
-        hint_text = ""
-        if isinstance(value, str) and _matches(1.0, hint):
-            try:
-                float(value)
-                hint_text = " (YAML reads 1e-3 as a string: write 1.0e-3)"
-            except ValueError:
-                pass
-        elif isinstance(value, str) and value.lower() in ("true", "false", "yes", "no") and _matches(True, hint):
-            hint_text = " (write true or false without quotes)"
-        raise ValueError(f"{where}: {key} must be {_describe(hint)}, got {type(value).__name__} {value!r}{hint_text}")
 
 
 def finite_and_largest(t: torch.Tensor, per_slice: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -150,10 +63,34 @@ def explosion_limit(source: torch.Tensor) -> float:
 
 def build_optimizer(params: List[nn.Parameter], cfg: AdapterConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    check_step_fits(optimizer)
+    return optimizer
+
+
+def check_step_fits(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer whose step would overflow its parameters' dtype: torch converts lr, weight decay and
+    Adam's step size lr / (1 - beta1 ** step) (largest at the first step) to that dtype and raises half-way through
+    the step, with some parameters or moments already updated. Checked before each step, nothing changes then.
+    The declared config ranges keep float32 and bfloat16 safe; float16 (largest value 65504) needs this."""
+    for group in optimizer.param_groups:
+        lr, decay = float(group["lr"]), float(group.get("weight_decay", 0.0))
+        scalars = {"lr": lr, "weight_decay": decay}
+        if "betas" in group:
+            scalars["lr / (1 - betas[0])"] = lr / (1.0 - group["betas"][0])
+            scalars["lr * weight_decay"] = lr * decay
+        for dtype in {p.dtype for p in group["params"] if p.is_floating_point()}:
+            largest = torch.finfo(dtype).max
+            for name, value in scalars.items():
+                if not value <= largest:
+                    raise ValueError(f"the optimizer step multiplies {str(dtype).replace('torch.', '')} weights by "
+                                     f"{name} = {value:g}, beyond that type's largest value {largest:g}, which no "
+                                     "step can survive: use a smaller lr (or weight_decay), or keep the adapted "
+                                     "weights in float32")
 
 
 def check_batch(x: Any, name: str = "input") -> None:
@@ -167,6 +104,21 @@ def check_batch(x: Any, name: str = "input") -> None:
                         "convert with x.float() / 255 for uint8 images")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf values; clean or drop those examples before adapting")
+
+
+@contextlib.contextmanager
+def running_stats_kept_on_refusal(module: nn.Module) -> Iterator[None]:
+    """On a ValueError or TypeError (a refused input) inside the block, put back the running statistics and batch
+    counters of the normalisation layers in training mode, the only state a forward pass changes."""
+    kept = [(b, b.clone()) for m in module.modules() if m.training and getattr(m, "track_running_stats", False)
+            for b in m.buffers(recurse=False)]
+    try:
+        yield
+    except (ValueError, TypeError):
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)
+        raise
 
 
 class Adapter(nn.Module):
@@ -207,12 +159,16 @@ class Adapter(nn.Module):
     # ---- the loop ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.check_input(x)
-        if not self.cfg.episodic:
-            return self.adapt_and_predict(x)
-        try:
-            return self.adapt_and_predict(x)
-        finally:
-            self.reset()  # episodic: the next call, and the caller, see the source model again
+        # Refusals found only once the network runs (a size it cannot take, outputs that are not class scores)
+        # come after batch-norm layers updated their counters: those are put back, so a refused input changes
+        # nothing. Every such refusal comes before the first update, which nothing else precedes.
+        with running_stats_kept_on_refusal(self):
+            if not self.cfg.episodic:
+                return self.adapt_and_predict(x)
+            try:
+                return self.adapt_and_predict(x)
+            finally:
+                self.reset()  # episodic: the next call, and the caller, see the source model again
 
     def check_input(self, x: Any) -> torch.Tensor:
         """Validate x before any method code sees it (so a refused input never changes the state): the batch checks,
@@ -234,7 +190,7 @@ class Adapter(nn.Module):
             for _ in range(self.cfg.steps):
                 outputs = self.forward_and_adapt(x)
         outputs = outputs.detach()
-        if self.cfg.guard and self.diverged(outputs):
+        if self.cfg.guard and self.diverged(outputs, lambda: self.model(x)):
             self.reset()  # the adapted state is unusable: predict with the source state instead
             with torch.no_grad():
                 outputs = self.model(x)
@@ -246,7 +202,7 @@ class Adapter(nn.Module):
         diverged state (see diverged) is replaced by the source state and predict() runs again."""
         with torch.no_grad():
             outputs = predict()
-        if self.cfg.guard and self.diverged(outputs):
+        if self.cfg.guard and self.diverged(outputs, predict):
             self.reset()
             with torch.no_grad():
                 outputs = predict()
@@ -273,26 +229,61 @@ class Adapter(nn.Module):
             self.optimizer.zero_grad()
             self._count("nonfinite_grad")
             return False
+        try:
+            check_step_fits(self.optimizer)  # lr or dtype changed since construction: refuse before anything moves
+        except ValueError:
+            self.optimizer.zero_grad()
+            raise
         self.optimizer.step()
         self.optimizer.zero_grad()
         return True
 
-    def diverged(self, outputs: torch.Tensor) -> bool:
-        """Non-finite weights or outputs, exploded weights, or a collapse: a batch of 16 or more all predicted as
-        one class with near-zero entropy, which entropy minimisation reaches when it degenerates."""
+    def diverged(self, outputs: torch.Tensor, predict: Optional[Callable[[], torch.Tensor]] = None) -> bool:
+        """Non-finite weights or outputs, exploded weights, or a collapse to one class (see collapsed)."""
         if any(not finite_and_largest(p.detach())[0] for _, p in self.adapted) or not torch.isfinite(outputs).all():
             self._count("diverged")
             return True
         if self._exploded():
             self._count("exploded")
             return True
-        if outputs.dim() == 2 and outputs.shape[0] >= 16 and outputs.shape[1] >= 2:
-            probs = outputs.float().softmax(1)
-            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean()
-            if bool((outputs.argmax(1) == outputs[0].argmax()).all()) and float(entropy) < 1e-3:
-                self._count("collapsed")
-                return True
+        if self.collapsed(outputs, predict):
+            self._count("collapsed")
+            return True
         return False
+
+    def collapsed(self, outputs: torch.Tensor, predict: Optional[Callable[[], torch.Tensor]] = None) -> bool:
+        """A batch of COLLAPSE_MIN_BATCH or more class-score rows all predicted as one class, where either their mean
+        entropy is below 1e-3 (where entropy minimisation ends when it degenerates), or the source model, run by
+        `predict` on the same batch, gives no class more than half of the images (the batch holds several classes
+        as far as the source can tell, so one class for all is the adaptation's doing). Smaller batches cannot
+        tell a collapse from a batch of one class, and are never called collapsed."""
+        if not (outputs.dim() == 2 and outputs.shape[0] >= COLLAPSE_MIN_BATCH and outputs.shape[1] >= 2):
+            return False
+        predicted = outputs.argmax(1)
+        if not bool((predicted == predicted[0]).all()):
+            return False
+        probs = outputs.float().softmax(1)
+        if float(-(probs * probs.clamp_min(1e-12).log()).sum(1).mean()) < 1e-3:
+            return True
+        if predict is None or not self.adapted:  # nothing adapted: the source's own prediction
+            return False
+        source = self.predict_with_source(predict).argmax(1)
+        return int(torch.bincount(source).max()) <= source.shape[0] // 2
+
+    @torch.no_grad()
+    def predict_with_source(self, predict: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """predict() with the source state swapped in for the call; the adapted state (weights and buffers, the
+        optimizer and counters untouched) is put back afterwards, bit for bit."""
+        current = self.state_dict()  # tensors that share storage with the module's own
+        source = self._source_state["module"]
+        kept = {k: current[k].clone() for k in source}
+        try:
+            for k, v in source.items():
+                current[k].copy_(v)
+            return predict()
+        finally:
+            for k, v in kept.items():
+                current[k].copy_(v)
 
     def _exploded(self) -> bool:
         """Weights that grew a thousandfold beyond the source's scale: still finite, but the predictions they give

@@ -15,12 +15,18 @@ def memo_augment(image: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([aug(image) for _ in range(n)])
 
 
+def check_cotta_size(images: torch.Tensor) -> None:
+    """The blur and affine transforms of cotta_augment need images of at least 8x8 pixels."""
+    if min(images.shape[-2:]) < 8:
+        raise ValueError(f"cotta's augmentations need images of at least 8x8 pixels, got {tuple(images.shape[-2:])}; "
+                         "resize the images or use another method")
+
+
 def cotta_augment(images: torch.Tensor) -> torch.Tensor:
     """One random CoTTA-style view of a batch: colour jitter, affine, blur, flip, small noise, clamped to [0, 1]."""
     import torchvision.transforms.v2 as T
     h = images.shape[-1]
-    if min(images.shape[-2:]) < 8:
-        raise ValueError(f"cotta's augmentations need images of at least 8x8 pixels, got {tuple(images.shape[-2:])}")
+    check_cotta_size(images)
     aug = T.Compose([
         T.ColorJitter(brightness=0.4, contrast=0.3, saturation=0.3, hue=0.06),
         T.RandomAffine(degrees=15, translate=(1 / 16, 1 / 16), scale=(0.9, 1.1)),

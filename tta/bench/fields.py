@@ -6,6 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..config import check_field_types
+
 
 def strict_dataclass(cls, values: Any, where: str):
     """Build dataclass `cls` from a mapping; unknown or missing keys raise with the list of valid ones."""
@@ -15,7 +17,6 @@ def strict_dataclass(cls, values: Any, where: str):
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {', '.join(valid)}")
-    from ..adapter import check_field_types
     check_field_types(cls, values, where)  # a string for a number, "false" for a boolean: ValueError
     try:
         return cls(**values)

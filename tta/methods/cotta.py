@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..adapter import Adapter, AdapterConfig, register_adapter
-from ..augment import cotta_augment
+from ..augment import check_cotta_size, cotta_augment
+from ..config import Fraction, Rate, Views
 from ..losses import cross_entropy_soft, require_class_scores
 from ..params import ema_update, use_batch_statistics
 
@@ -26,11 +27,11 @@ from ..params import ema_update, use_batch_statistics
 @dataclass
 class CoTTAConfig(AdapterConfig):
     optimizer: str = "adam"
-    lr: float = 1e-3
-    ema_momentum: float = 0.999
-    restore_prob: float = 0.01
-    confidence_threshold: float = 0.92
-    n_augmentations: int = 32
+    lr: Rate = 1e-3
+    ema_momentum: Fraction = 0.999
+    restore_prob: Fraction = 0.01
+    confidence_threshold: Fraction = 0.92  # compared with the anchor's mean largest class probability
+    n_augmentations: Views = 32
 
 
 @register_adapter("cotta")
@@ -44,6 +45,13 @@ class CoTTA(Adapter):
         # Submodules of the adapter, so the base class snapshot and reset() cover them too.
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
         self.anchor = copy.deepcopy(self.model).requires_grad_(False)
+
+    def check_input(self, x):
+        x = super().check_input(x)
+        # Augmentation runs only when the anchor is unsure, after the model has run: refuse small images up front,
+        # so that the refusal never depends on the anchor's confidence and never follows an update.
+        check_cotta_size(x)
+        return x
 
     def forward_and_adapt(self, x):
         outputs = self.model(x)

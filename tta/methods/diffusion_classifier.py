@@ -29,12 +29,14 @@ Two faces of one scorer (tta.generative.classifier.DiffusionClassifier):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Annotated, Any, List, Optional, Sequence, Tuple, Union
 
 import torch
+from annotated_types import Interval
 from torch import nn
 
 from ..adapter import AdapterConfig, register_adapter
+from ..config import MAX_PAIRS, Pairs, Positive, Seed, Steps
 from ..generative.base import BACKENDS, check_autocast
 from ..generative.classifier import PRUNING_PRESETS, DiffusionClassifier, resolve_loss, resolve_schedule
 from ..generative.loading import create_backend
@@ -47,16 +49,17 @@ from .diffusion_tta import JudgedAdapter
 
 @dataclass
 class DiffusionClassifierConfig(AdapterConfig):
-    steps: int = 0                         # nothing adapts
+    steps: Steps = 0                       # nothing adapts
     backend: Optional[str] = None          # "<kind>:<hub id or folder>" or a folder, loaded with create_backend
     preset: Optional[str] = None           # a data set of PRUNING_PRESETS: its keep/samples per stage and its loss
-    keep: Optional[Tuple[int, ...]] = None     # classes kept after each stage (default: the cifar10 preset)
-    samples: Optional[Tuple[int, ...]] = None  # cumulative (t, eps) samples per class at each stage
+    # classes kept after each stage (default: the cifar10 preset)
+    keep: Optional[Tuple[Annotated[int, Interval(ge=1, le=1_000_000)], ...]] = None
+    samples: Optional[Tuple[Pairs, ...]] = None  # cumulative (t, eps) samples per class at each stage
     loss: Optional[str] = None             # l2 | l1; None: the preset's (cifar10's without a schedule), else l2
-    temperature: float = 1.0               # logits = -error / temperature; fit it with calibrate()
-    micro_batch: int = 32                  # judge evaluations per forward pass
-    n_trials: int = 1                      # noises per timestep
-    seed: Optional[int] = None             # seed of the shared noise; None uses torch's global generator
+    temperature: Positive = 1.0            # logits = -error / temperature; fit it with calibrate()
+    micro_batch: Annotated[int, Interval(ge=1, le=MAX_PAIRS)] = 32  # judge evaluations per forward pass
+    n_trials: Annotated[int, Interval(ge=1, le=1000)] = 1  # noises per timestep: multiplies the judge's work
+    seed: Optional[Seed] = None            # seed of the shared noise; None uses torch's global generator
     autocast: Union[bool, str] = "auto"    # judge precision: auto (bf16 on CUDA) | bf16 (also native-bf16 CPUs) | off
 
     def __post_init__(self):

@@ -41,13 +41,15 @@ import copy
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Annotated, Any, Dict, List, Optional, Tuple, Union
 
 import torch
+from annotated_types import Interval, doc
 from torch import nn
 
-from ..adapter import (Adapter, AdapterConfig, explosion_limit, finite_and_largest, make_config,
+from ..adapter import (Adapter, AdapterConfig, check_step_fits, explosion_limit, finite_and_largest,
                        register_adapter)
+from ..config import MAX_PAIRS, Fraction, NonNegative, Pairs, Rate, Seed, Steps, make_config
 from ..generative.base import autocast_for, check_autocast, denoiser_prefix, named_denoiser_parameters
 from ..generative.loading import match_backend_to_model, model_task, resolve_backend
 from ..generative.memory import micro_batch_from_memory
@@ -70,25 +72,27 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 @dataclass
 class DiffusionTTAConfig(AdapterConfig):
     preset: str = "official-dit"       # official-dit | official-dit-adam | official-sd | classifier-only
-    steps: int = 5
+    steps: Steps = 5
     episodic: bool = True
     optimizer: Optional[str] = None    # None: the preset's (sgd; adamw for official-dit-adam)
-    lr: Optional[float] = None         # None: the preset's (5e-3; 1e-5 for official-dit-adam)
-    momentum: float = 0.9
+    lr: Optional[Rate] = None          # None: the preset's (5e-3; 1e-5 for official-dit-adam)
+    momentum: Fraction = 0.9
     backend: Optional[str] = None      # "<kind>:<hub id or folder>" or a folder, loaded with create_backend
-    pairs: Optional[int] = None        # (t, eps) pairs per optimizer step; None: the preset's (180; 192 for SD)
-    micro_batch: Optional[int] = None  # pairs per accumulation micro-step (per image); 0: sized from free memory
-    memory_gb: Optional[float] = None  # micro_batch=0: at most this much for the judge's activations
+    pairs: Optional[Pairs] = None      # (t, eps) pairs per optimizer step; None: the preset's (180; 192 for SD)
+    # pairs per accumulation micro-step (per image); 0: sized from free memory
+    micro_batch: Optional[Annotated[int, Interval(ge=0, le=MAX_PAIRS), doc("0: sized from free memory")]] = None
+    # micro_batch=0: at most this much for the judge's activations
+    memory_gb: Optional[Annotated[float, Interval(gt=0, le=1e6), doc("or null: half the free memory")]] = None
     timesteps: str = "uniform"         # uniform | stratified | grid
     noise: str = "independent"         # independent | shared (one eps for all pairs of a step)
     loss: str = "l2"                   # l2 | l1
     adapt: str = "all_but_last"        # all_but_last | all | norm | last | lora
     last_layer: Optional[str] = None   # the module adapt="last" adapts and adapt="all_but_last" leaves out
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
+    lora_rank: Annotated[int, Interval(ge=1, le=4096)] = 8
+    lora_alpha: NonNegative = 8.0
     adapt_backend: Optional[bool] = None  # also adapt the judge's denoiser (restored after every episode); None: preset
-    backend_lr: Optional[float] = None  # the denoiser's learning rate (default: lr)
-    seed: Optional[int] = None         # seed of the (t, eps) draws; None uses torch's global generator
+    backend_lr: Optional[Rate] = None  # the denoiser's learning rate (default: lr)
+    seed: Optional[Seed] = None        # seed of the (t, eps) draws; None uses torch's global generator
     per_example: bool = False          # episodic: every image of a batch adapts its own copy, all at once
     autocast: Union[bool, str] = "off"  # judge precision: off (float32, as official) | auto (bf16 on CUDA) | bf16
     channels_last: bool = False        # the judge's convolutions in NHWC
@@ -96,7 +100,7 @@ class DiffusionTTAConfig(AdapterConfig):
     checkpointing: bool = False        # recompute the judge's activations in backward (less memory)
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
+        if not isinstance(self.preset, str) or self.preset not in PRESETS:
             raise ValueError(unknown_name_message("preset", self.preset, PRESETS))
         for name, value in PRESETS[self.preset].items():  # before validation, so preset values are checked too
             if getattr(self, name) is None:
@@ -106,14 +110,7 @@ class DiffusionTTAConfig(AdapterConfig):
                                    ("noise", self.noise, NOISE_MODES), ("loss", self.loss, LOSSES)):
             if value not in valid:
                 raise ValueError(unknown_name_message(name, value, valid))
-        if self.pairs < 1 or self.micro_batch < 0:
-            raise ValueError(f"pairs must be positive and micro_batch positive or 0 (sized from free memory), got "
-                             f"{self.pairs} and {self.micro_batch}")
         self.autocast = check_autocast(self.autocast)
-        if self.memory_gb is not None and not self.memory_gb > 0:
-            raise ValueError(f"memory_gb must be positive (or null: half the free memory), got {self.memory_gb}")
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be positive, got {self.lora_rank}")
         if self.per_example and (not self.episodic or self.adapt_backend):
             raise ValueError("per_example adapts a copy of the model per image and drops it after the call: it needs "
                              "episodic=True and a frozen judge: adapt_backend=False, or preset 'classifier-only' "
@@ -302,6 +299,7 @@ class DiffusionTTA(JudgedAdapter):
                 self.optimizer.param_groups[0]["lr"] = group["lr"]
             else:
                 self.optimizer.add_param_group(group)
+            check_step_fits(self.optimizer)  # backend_lr for the judge's dtype, before anything runs
         self._generator = None
         if config.seed is not None:
             device = _device_of(judge) or torch.device("cpu")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapter import Adapter, AdapterConfig, register_adapter
+from ..config import Fraction, NonNegative, Rate
 from ..losses import require_class_scores, softmax_entropy
 from ..params import enable_norm_affine, use_batch_statistics
 
@@ -25,11 +26,11 @@ from ..params import enable_norm_affine, use_batch_statistics
 @dataclass
 class EATAConfig(AdapterConfig):
     optimizer: str = "sgd"
-    lr: float = 2.5e-4
-    momentum: float = 0.9
-    e_margin_scale: float = 0.4     # e_margin = e_margin_scale * ln(K)
-    d_margin: float = 0.05          # cosine-similarity threshold for redundant samples
-    fisher_alpha: float = 2000.0    # weight of the Fisher regulariser
+    lr: Rate = 2.5e-4
+    momentum: Fraction = 0.9
+    e_margin_scale: Fraction = 0.4  # e_margin = e_margin_scale * ln(K); entropies never exceed ln(K)
+    d_margin: Fraction = 0.05       # cosine-similarity threshold for redundant samples
+    fisher_alpha: NonNegative = 2000.0  # weight of the Fisher regulariser
 
 
 @register_adapter("eata")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter, AdapterConfig, register_adapter
+from ..config import Fraction, Rate
 from ..losses import per_sample
 from ..nets.it3_conditioning import IT3Net
 from ..params import ema_update
@@ -59,9 +60,9 @@ def idempotence_loss(model: IT3Net, anchor: nn.Module, x: torch.Tensor, distance
 class IT3Config(AdapterConfig):
     episodic: bool = True          # the paper adapts per test input and starts from the source model each time
     optimizer: str = "adam"
-    lr: float = 1e-3
+    lr: Rate = 1e-3
     anchor: str = "frozen"         # frozen source copy (paper) | ema of the adapted model (online variant)
-    ema_momentum: float = 0.999    # anchor="ema" only
+    ema_momentum: Fraction = 0.999  # anchor="ema" only
     distance: str = "mse"          # mse | js (classification only)
     predict: str = "first"         # first: f(x, 0); second: f(x, f(x, 0)), both after adaptation
 
@@ -70,8 +71,6 @@ class IT3Config(AdapterConfig):
         for key, allowed in (("anchor", ANCHORS), ("distance", DISTANCES), ("predict", PREDICTIONS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if not 0.0 <= self.ema_momentum <= 1.0:
-            raise ValueError(f"ema_momentum must lie in [0, 1], got {self.ema_momentum}")
 
 
 @register_adapter("it3")

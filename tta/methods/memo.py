@@ -14,6 +14,7 @@ import torch
 
 from ..adapter import Adapter, AdapterConfig, check_batch, register_adapter
 from ..augment import memo_augment
+from ..config import Fraction, Rate, Views
 from ..losses import marginal_entropy, require_class_scores
 
 
@@ -21,9 +22,9 @@ from ..losses import marginal_entropy, require_class_scores
 class MEMOConfig(AdapterConfig):
     episodic: bool = True
     optimizer: str = "sgd"
-    lr: float = 2.5e-4
-    momentum: float = 0.9
-    n_augmentations: int = 64
+    lr: Rate = 2.5e-4
+    momentum: Fraction = 0.9
+    n_augmentations: Views = 64
 
 
 @register_adapter("memo")

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from ..adapter import Adapter, AdapterConfig, register_adapter
+from ..config import Steps
 from ..params import use_batch_statistics
 
 
 @dataclass
 class NormConfig(AdapterConfig):
-    steps: int = 1
+    steps: Steps = 1
 
 
 @register_adapter("norm")

@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..adapter import Adapter, AdapterConfig, register_adapter
+from ..config import Fraction, NonNegative, Rate
 from ..losses import require_class_scores, softmax_entropy
 from ..params import enable_norm_affine, use_batch_statistics
 
@@ -25,11 +26,11 @@ from ..params import enable_norm_affine, use_batch_statistics
 @dataclass
 class SARConfig(AdapterConfig):
     optimizer: str = "sgd"
-    lr: float = 2.5e-4
-    momentum: float = 0.9
-    rho: float = 0.05                  # SAM neighbourhood radius
-    e_margin_scale: float = 0.4        # e_margin = e_margin_scale * ln(K)
-    reset_constant: float = 0.2        # recover the source model when the loss EMA falls below this
+    lr: Rate = 2.5e-4
+    momentum: Fraction = 0.9
+    rho: NonNegative = 0.05            # SAM neighbourhood radius
+    e_margin_scale: Fraction = 0.4     # e_margin = e_margin_scale * ln(K); entropies never exceed ln(K)
+    reset_constant: NonNegative = 0.2  # recover the source model when the loss EMA falls below this
     exclude: Tuple[str, ...] = ("*layer4*", "*blocks.9*", "*blocks.10*", "*blocks.11*", "norm", "*.norm", "head*")
 
 
@@ -73,8 +74,7 @@ class SAR(Adapter):
         with torch.no_grad():  # back to the original weights; the descent uses the gradient from the perturbed point
             for p, original in zip(params, originals):
                 p.copy_(original)
-        if loss2 is not None:
-            self.optimizer.step()
+        if loss2 is not None and self.step_guarded(float(loss2.detach())):  # guarded: non-finite gradients skip it
             self._track(float(loss2.detach()))
         self.optimizer.zero_grad()
         return outputs

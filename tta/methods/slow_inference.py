@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
+from typing import Annotated, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Interval, doc
 from torch import nn
 
 from ..adapter import Adapter, AdapterConfig, check_batch, register_adapter
+from ..config import MAX_STEPS, NonNegative, Rate, Steps
 
 
 @runtime_checkable
@@ -104,25 +106,19 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str, kind: str)
 
 @dataclass
 class SlowInferenceConfig(AdapterConfig):
-    steps: int = 150             # the most steps per scene; early stopping may end sooner
+    steps: Steps = 150           # the most steps per scene; early stopping may end sooner
     episodic: bool = True        # reset after every scene
     optimizer: str = "adam"
-    lr: float = 5e-4
+    lr: Rate = 5e-4
     per_example: bool = True     # adapt on each scene of a batch on its own (the paper's setting)
-    patience: int = 0            # stop after this many steps without a min_delta improvement; 0 = never stop early
-    min_delta: float = 0.0       # improvement of the reconstruction loss that resets the patience counter
+    # stop after this many steps without a min_delta improvement; 0 = never stop early
+    patience: Annotated[int, Interval(ge=0, le=MAX_STEPS), doc("0 turns early stopping off")] = 0
+    min_delta: NonNegative = 0.0  # improvement of the reconstruction loss that resets the patience counter
     restore_best: bool = False   # predict with the weights of the lowest reconstruction loss seen, not the last ones
     optimizer_state: Optional[str] = None  # a file with the training run's optimizer state, loaded for every scene
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.patience, int) or self.patience < 0:
-            raise ValueError(f"patience must be a non-negative integer (0 turns early stopping off), "
-                             f"got {self.patience!r}")
-        if self.min_delta < 0:
-            raise ValueError(f"min_delta must be non-negative, got {self.min_delta}")
-        if not isinstance(self.restore_best, bool):
-            raise ValueError(f"restore_best must be true or false, got {self.restore_best!r}")
         if self.optimizer_state is not None and not os.path.isfile(os.path.expanduser(self.optimizer_state)):
             raise ValueError(f"optimizer_state {self.optimizer_state!r} is not a file; give the path of a torch.save'd "
                              "optimizer state dict (or of a checkpoint holding it under 'optimizer'), or null for a "

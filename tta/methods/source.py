@@ -6,11 +6,12 @@ from dataclasses import dataclass
 import torch
 
 from ..adapter import Adapter, AdapterConfig, register_adapter
+from ..config import Steps
 
 
 @dataclass
 class SourceConfig(AdapterConfig):
-    steps: int = 1
+    steps: Steps = 1
 
 
 @register_adapter("source")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..adapter import Adapter, AdapterConfig, register_adapter
+from ..config import Fraction, Rate
 from ..losses import require_class_scores, softmax_entropy
 from ..params import enable_norm_affine, use_batch_statistics
 
@@ -17,8 +18,8 @@ from ..params import enable_norm_affine, use_batch_statistics
 @dataclass
 class TentConfig(AdapterConfig):
     optimizer: str = "sgd"
-    lr: float = 2.5e-4
-    momentum: float = 0.9
+    lr: Rate = 2.5e-4
+    momentum: Fraction = 0.9
 
 
 @register_adapter("tent")

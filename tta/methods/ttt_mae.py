@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..adapter import register_adapter
+from ..config import Fraction, Rate, Steps, Views
 from ..nets.mae_decoder import MaskedAutoencoderViT
 from ..registry import unknown_name_message
 from .slow_inference import SlowInference, SlowInferenceConfig, reconstruction_loss
@@ -37,19 +38,17 @@ CLS_TOKEN = "vit.cls_token"
 
 @dataclass
 class TTTMAEConfig(SlowInferenceConfig):
-    steps: int = 20
+    steps: Steps = 20
     optimizer: str = "sgd"
-    lr: float = 5e-3
-    momentum: float = 0.9
-    views: int = 128             # copies of the test image per step, each with its own random mask
+    lr: Rate = 5e-3
+    momentum: Fraction = 0.9
+    views: Views = 128           # copies of the test image per step, each with its own random mask
     finetune_mode: str = "encoder"  # encoder (+ cls and mask tokens) | encoder_no_msk | encoder_no_cls_no_msk
 
     def __post_init__(self):
         super().__post_init__()
         if self.finetune_mode not in FINETUNE_MODES:
             raise ValueError(unknown_name_message("finetune_mode", self.finetune_mode, FINETUNE_MODES))
-        if not isinstance(self.views, int) or self.views < 1:
-            raise ValueError(f"views must be a positive integer, got {self.views!r}")
 
 
 @register_adapter("ttt_mae")
