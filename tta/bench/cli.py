@@ -51,7 +51,7 @@ def cmd_bench(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
     made = write_report([args.results], out=args.out, plots=not args.no_plots,
-                        command=getattr(args, "command_line", None))
+                        command=getattr(args, "command_line", None), pairs=args.pair or ())
     for kind in ("markdown", "csv", "plots"):
         for p in made[kind]:
             print(p)
@@ -61,7 +61,8 @@ def cmd_report(args) -> int:
 def cmd_compare(args) -> int:
     from .report import write_report
     out = args.out or str(Path(args.results[0]).parent / "compare")
-    made = write_report(args.results, out=out, plots=not args.no_plots, command=getattr(args, "command_line", None))
+    made = write_report(args.results, out=out, plots=not args.no_plots, command=getattr(args, "command_line", None),
+                        pairs=args.pair or ())
     for kind in ("markdown", "csv", "plots"):
         for p in made[kind]:
             print(p)
@@ -98,11 +99,17 @@ def register(subparsers) -> None:
     p.add_argument("results", help="a results file written by `tta bench`")
     p.add_argument("--out", help="output prefix (default: the results file without .jsonl)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"),
+                   help="also compare label A with label B image by image, e.g. two models' source rows "
+                        "(repeatable)")
     p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser("compare", help="one report over several results files")
     p.add_argument("results", nargs="+", help="results files written by `tta bench`")
     p.add_argument("--out", help="output prefix (default: <folder of the first file>/compare)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"),
+                   help="also compare label A with label B image by image, e.g. two models' source rows "
+                        "(repeatable)")
     p.set_defaults(func=cmd_compare)
 

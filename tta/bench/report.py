@@ -161,35 +161,9 @@ class Group:
         higher = dict(TASK_METRICS.get(self.task, [])).get(metric, True)
         lines = []
         for m in self.methods:
-            if m == source:
-                continue
-            parts = []
-            for corrupted, what in ((True, "corrupted domains"), (False, "clean")):
-                mine = [r for r in self.method_rows[m] if (r.get("severity") is not None) == corrupted]
-                ref = [r for r in self.method_rows[source] if (r.get("severity") is not None) == corrupted]
-                if mine and ref:
-                    parts.append(self._paired_sentence(what, mine, ref, metric, higher))
-            if parts:
-                lines.append(f"- **{m}** {metric} against {source}: " + "; ".join(parts) + ".")
+            if m != source:
+                lines += outcome_line(m, self.method_rows[m], source, self.method_rows[source], metric, higher)
         return lines
-
-    def _paired_sentence(self, what: str, mine: List[dict], ref: List[dict], metric: str, higher: bool) -> str:
-        unit = " points" if metric in FRACTIONS else ""
-        cmp = compare_rows(mine, ref, metric, higher)
-        if cmp is None:  # rows without per-image records: the means, and no claim
-            v = [r["metrics"].get(metric) for r in mine]
-            w = [r["metrics"].get(metric) for r in ref]
-            if any(x is None for x in v + w):
-                return f"on {what}: incomplete"
-            a, b = sum(v) / len(v), sum(w) / len(w)
-            return (f"on {what} {_fmt(metric, a)} vs {_fmt(metric, b)} ({_signed(metric, a - b)}{unit}; not tested: "
-                    f"the rows have no per-image records, rerun them to pair the images)")
-        per_image = "" if metric in PER_IMAGE_EQUALS_TABLE else f" (per-image {metric})"
-        lo, hi = cmp.ci
-        return (f"on {what}{per_image} ({cmp.domains} domain{'s' * (cmp.domains > 1)}, {cmp.n} images) "
-                f"{_fmt(metric, cmp.method_mean)} vs {_fmt(metric, cmp.reference_mean)}, "
-                f"{_signed(metric, cmp.delta)}{unit} [95% CI {_signed(metric, lo)}, {_signed(metric, hi)}], "
-                f"{cmp.wins} better / {cmp.losses} worse, {format_p(cmp.p)}: **{cmp.verdict(higher)}**")
 
     def cost(self) -> List[List[str]]:
         out = []
@@ -200,6 +174,59 @@ class Group:
             out.append([m, str(rows[0]["batch_size"]), str(n), f"{secs:.1f}", f"{n / secs:.2f}" if secs else "",
                         rows[0].get("device", "")])
         return out
+
+
+def outcome_line(label: str, mine: List[dict], reference: str, ref: List[dict], metric: str,
+                 higher: bool) -> List[str]:
+    """`label` against `reference` on the same images, corrupted domains and clean apart: [] if they share none."""
+    parts = []
+    for corrupted, what in ((True, "corrupted domains"), (False, "clean")):
+        a = [r for r in mine if (r.get("severity") is not None) == corrupted]
+        b = [r for r in ref if (r.get("severity") is not None) == corrupted]
+        if a and b:
+            parts.append(paired_sentence(what, a, b, metric, higher))
+    return [f"- **{label}** {metric} against {reference}: " + "; ".join(parts) + "."] if parts else []
+
+
+def paired_sentence(what: str, mine: List[dict], ref: List[dict], metric: str, higher: bool) -> str:
+    """The change of `mine` against `ref` image by image, its 95% interval and sign-test verdict, in words."""
+    unit = " points" if metric in FRACTIONS else ""
+    cmp = compare_rows(mine, ref, metric, higher)
+    if cmp is None:  # rows without per-image records: the means, and no claim
+        v = [r["metrics"].get(metric) for r in mine]
+        w = [r["metrics"].get(metric) for r in ref]
+        if any(x is None for x in v + w):
+            return f"on {what}: incomplete"
+        a, b = sum(v) / len(v), sum(w) / len(w)
+        return (f"on {what} {_fmt(metric, a)} vs {_fmt(metric, b)} ({_signed(metric, a - b)}{unit}; not tested: "
+                f"the rows have no per-image records, rerun them to pair the images)")
+    per_image = "" if metric in PER_IMAGE_EQUALS_TABLE else f" (per-image {metric})"
+    lo, hi = cmp.ci
+    return (f"on {what}{per_image} ({cmp.domains} domain{'s' * (cmp.domains > 1)}, {cmp.n} images) "
+            f"{_fmt(metric, cmp.method_mean)} vs {_fmt(metric, cmp.reference_mean)}, "
+            f"{_signed(metric, cmp.delta)}{unit} [95% CI {_signed(metric, lo)}, {_signed(metric, hi)}], "
+            f"{cmp.wins} better / {cmp.losses} worse, {format_p(cmp.p)}: **{cmp.verdict(higher)}**")
+
+
+def asked_pairs(rows: Sequence[dict], pairs: Sequence[Tuple[str, str]]) -> List[str]:
+    """Outcome lines for pairs of labels the user names (`--pair A B`), across groups: e.g. two models' source
+    rows on the same images. Each label must name one run (one config id); the images pair by id."""
+    def rows_of(label: str) -> List[dict]:
+        found = [r for r in rows if r["method"] == label]
+        if not found:
+            labels = sorted({r["method"] for r in rows})
+            raise ValueError(f"--pair: no rows labelled {label!r}; labels in these results: {', '.join(labels)}")
+        if len({(r.get("config_id"), r.get("model"), r.get("benchmark")) for r in found}) > 1:
+            raise ValueError(f"--pair: {label!r} labels rows of more than one run (config, model or benchmark); "
+                             f"report the results files one at a time, or give the runs distinct labels")
+        return found
+    lines = []
+    for a, b in pairs:
+        mine, ref = rows_of(a), rows_of(b)
+        task, metric = mine[0].get("task", "classification"), mine[0].get("primary_metric", "accuracy")
+        higher = dict(TASK_METRICS.get(task, [])).get(metric, True)
+        lines += outcome_line(a, mine, b, ref, metric, higher) or [f"- **{a}** and **{b}** share no domain"]
+    return lines
 
 
 def group_rows(rows: Sequence[dict]) -> List[Group]:
@@ -335,11 +362,13 @@ def load_results(paths: Sequence) -> List[dict]:
 
 
 def write_report(paths: Sequence, out: Optional[str] = None, plots: bool = True,
-                 command: Optional[str] = None) -> Dict[str, List[Path]]:
+                 command: Optional[str] = None, pairs: Sequence[Tuple[str, str]] = ()) -> Dict[str, List[Path]]:
     """Write <out>.md, <out>.csv and <out>-*.png (out defaults to the first results file without suffix);
-    `command`, the command line that produced the report, heads it."""
+    `command`, the command line that produced the report, heads it; `pairs` of labels are compared image by
+    image in a section of their own (asked_pairs), whatever group their rows are in."""
     paths = [Path(p) for p in paths]
     rows = load_results(paths)
+    asked = asked_pairs(rows, pairs)  # before anything is written: a wrong label leaves old reports alone
     prefix = Path(out) if out else paths[0].with_suffix("")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     groups = group_rows(rows)
@@ -388,6 +417,10 @@ def write_report(paths: Sequence, out: Optional[str] = None, plots: bool = True,
             md += [f"![{p.stem}]({p.name})" for p in made] + [""]
         revs = sorted({str(r.get("git")) for r in g.rows})
         md += [f"_{len(g.rows)} rows; git {', '.join(revs)}; seeds {sorted({r['seed'] for r in g.rows})}_", ""]
+    if asked:
+        md += ["## Paired comparisons asked for", "",
+               "Pairs named on the command line (`--pair A B`), image by image on the images both have:", ""]
+        md += asked + [""]
     md_path, csv_path = Path(f"{prefix}.md"), Path(f"{prefix}.csv")
     md_path.write_text("\n".join(md))
     with open(csv_path, "w", newline="") as f:
