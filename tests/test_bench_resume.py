@@ -52,3 +52,57 @@ def test_resumed_reset_per_shift_rows_of_random_methods_equal_the_uninterrupted_
     assert summary["written"] == 4 and summary["skipped"] == 2
     expected = {row_key(r): outcome(r) for r in rows}
     assert {row_key(r): outcome(r) for r in read_rows(resumed)} == expected
+
+
+def source_spec(weights):
+    return parse_spec(spec_values(weights, methods=["source"], settings=["continual"]))
+
+
+def test_a_second_run_on_the_same_results_file_is_refused_and_writes_nothing(tiny_weights, tmp_path, capsys):
+    from tta.bench.results import ResultsBusyError, run_lock
+    from tta.cli import main
+    out = tmp_path / "r.jsonl"
+    with run_lock(out):  # a run in progress
+        with pytest.raises(ResultsBusyError, match="another run .*wait for it to finish.*another --out"):
+            run_benchmark(source_spec(tiny_weights), out, progress=False)
+        spec_file = tmp_path / "tiny.yaml"
+        spec_file.write_text(json.dumps(spec_values(tiny_weights, methods=["source"], settings=["continual"])))
+        assert main(["bench", str(spec_file), "--out", str(out), "--no-progress", "--threads", "1"]) == 2
+        assert "being written by another run" in capsys.readouterr().err
+    assert not out.exists() or read_rows(out) == []
+    assert run_benchmark(source_spec(tiny_weights), out, progress=False)["written"] == 3
+    assert not (tmp_path / "r.jsonl.lock").exists()  # released and removed at the end of the run
+
+
+def test_a_lock_left_by_a_killed_run_never_blocks(tiny_weights, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "r.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom tta.bench.results import run_lock\n"
+                               f"with run_lock({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        from tta.bench.results import ResultsBusyError
+        with pytest.raises(ResultsBusyError, match=f"process {holder.pid}"):
+            run_benchmark(source_spec(tiny_weights), out, progress=False)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / "r.jsonl.lock").exists()  # SIGKILL left the file behind, without its lock
+    assert run_benchmark(source_spec(tiny_weights), out, progress=False)["written"] == 3
+
+
+def test_report_shows_each_row_once_keeping_the_last(tiny_weights, tmp_path):
+    from tta.bench.report import load_results
+    out = tmp_path / "r.jsonl"
+    run_benchmark(source_spec(tiny_weights), out, progress=False)
+    rows = read_rows(out)
+    again = dict(rows[0], metrics=dict(rows[0]["metrics"], accuracy=-1.0))
+    with open(out, "a") as f:  # two runs of an older tta, or files joined by hand
+        f.write(json.dumps(again) + "\n")
+    with pytest.warns(UserWarning, match="1 row.* repeat the key of a later row .*source continual"):
+        loaded = load_results([out])
+    assert len(loaded) == 3 and len({row_key(r) for r in loaded}) == 3
+    assert [r["metrics"]["accuracy"] for r in loaded if row_key(r) == row_key(again)] == [-1.0]

@@ -26,8 +26,9 @@ def write_spec(tmp_path):
             {"name": "tent", "config": {"lr": 1.0e-3, "optimizer": "adam"},
              "settings": ["episodic", "reset_per_shift", "continual"]},
             {"name": "norm", "label": "norm-mixed", "settings": ["mixed"]},
-            # random augmentations drawn from torch's global generator: seeded per episode by the runner
-            {"name": "memo", "config": {"n_augmentations": 4, "lr": 0.05}},
+            # random augmentations drawn from torch's global generator: seeded per episode, and per domain of a
+            # reset_per_shift stream, by the runner
+            {"name": "memo", "config": {"n_augmentations": 4, "lr": 0.05}, "settings": ["episodic", "reset_per_shift"]},
         ],
     }
     path = tmp_path / "dist.yaml"
@@ -60,7 +61,7 @@ def test_torchrun_matches_single_process(tmp_path):
     assert "row(s) merged" in done.stdout
 
     one, two = by_key(read_rows(single)), by_key(read_rows(multi))
-    assert len(one) == 7 * 3 and set(one) == set(two)
+    assert len(one) == 8 * 3 and set(one) == set(two)
     assert len(read_rows(multi)) == len(two)  # no duplicates
     for key, row in one.items():
         other = two[key]

@@ -31,6 +31,7 @@ compute).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -43,7 +44,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..data.streams import StreamBatch, domain_order
-from .results import ResultStore, append_row, row_key
+from .results import ResultStore, append_row, row_key, run_lock
 from .runner import Job, Runner
 
 SHARD_FIELD = "shard"          # in rank rows of episodic shards: {"rank", "world_size", "meter", "batches"}
@@ -237,6 +238,9 @@ class ShardedRunner(Runner):
         self._batch_log: List[Dict[str, Any]] = []
         self._domain_list: List = []
 
+    def run(self) -> Dict[str, int]:
+        return self._run()  # run_distributed holds the locks, from before the ranks exchange their keys
+
     # ---- who runs what ----
     def _deal_units(self) -> Dict[Tuple[int, Optional[int]], int]:
         """(job index, domain index or None for a whole stream) -> rank, round-robin in plan order."""
@@ -372,8 +376,18 @@ class ShardedRunner(Runner):
 def run_distributed(spec, out, **runner_kwargs) -> Dict[str, int]:
     """Run this rank's share of `spec` and, on rank 0, merge every rank's rows into `out`. Returns this rank's
     counts (rank 0's with `merged`)."""
+    with contextlib.ExitStack() as locks:
+        # Each rank owns its rank file, and rank 0 also --out, which it merges into: another run on the same --out
+        # (sharded or not) is refused before any process group forms.
+        env = distributed_env()
+        locks.enter_context(run_lock(rank_file(out, env.rank)))
+        if env.rank == 0:
+            locks.enter_context(run_lock(out))
+        return _run_distributed(spec, out, env, **runner_kwargs)
+
+
+def _run_distributed(spec, out, env: DistEnv, **runner_kwargs) -> Dict[str, int]:
     import torch.distributed as dist
-    env = distributed_env()
     init_process_group()
     device = runner_kwargs.get("device")
     if device in (None, "cuda") and torch.cuda.is_available():

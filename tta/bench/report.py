@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .metrics import MCE_BASELINES, TASK_METRICS, mean_corruption_error
-from .results import read_rows
+from .results import read_rows, unique_rows
 from .stats import compare_rows, format_p
 
 FRACTIONS = {"accuracy", "error", "ece", "miou", "pixel_accuracy", "delta1", "ssim"}  # shown in percent
@@ -353,7 +353,7 @@ def plot_time(group: Group, path: Path) -> Path:
 def load_results(paths: Sequence) -> List[dict]:
     rows = []
     for p in paths:
-        for r in read_rows(p):
+        for r in unique_rows(read_rows(p), str(p)):
             r["_source"] = Path(p).stem
             rows.append(r)
     if not rows:

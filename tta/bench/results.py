@@ -13,8 +13,9 @@ import os
 import subprocess
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 KEY_FIELDS = ("benchmark", "method", "config_id", "model", "data_id", "domain", "severity", "setting",
               "batch_size", "seed")
@@ -43,6 +44,75 @@ def _lock(f) -> None:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
     except ImportError:  # Windows: no advisory locks; a single writer per file is then the user's job
         pass
+
+
+def prepare_results_path(path) -> Path:
+    """`path` as a results file to write: refused if it is a folder or lies under a file; its folder is made."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"results file {str(path)!r} is a folder; pass a file name, e.g. "
+                                f"{str(path / 'results.jsonl')!r}")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(f"cannot put results file {str(path)!r} under {str(blocker)!r}, which is a "
+                                 "file, not a folder; pass a path in an existing or new folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class ResultsBusyError(OSError):
+    """Another process holds the run lock of a results file."""
+
+
+def lock_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def run_lock(path) -> Iterator[None]:
+    """Hold `<path>.lock` while a run writes `path`, so two runs never compute and write the same rows: a second
+    run refuses at once (ResultsBusyError) instead of waiting. The lock is an flock, so the kernel drops it when
+    its process dies, even by SIGKILL: a lock file left behind never blocks a later run."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one run per results file is then the user's job
+        yield
+        return
+    where = lock_path(prepare_results_path(path))
+    while True:
+        f = open(where, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise ResultsBusyError(
+                f"results file {str(path)!r} is being written by another run (process {holder}, "
+                f"lock {str(where)!r}); wait for it to finish and rerun the same command (it resumes from the rows "
+                "present), or pass another --out") from None
+        # The holder before us unlinks the lock file on release: if we locked a file no longer at `where`, a third
+        # run could lock a new one there at the same time, so start again.
+        try:
+            same = os.path.samestat(os.fstat(f.fileno()), os.stat(where))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        try:
+            os.unlink(where)  # before unlocking, so no run locks a file that is about to vanish
+        except OSError:
+            pass
+        f.close()
 
 
 def append_row(path, row: Dict[str, Any]) -> None:
@@ -120,15 +190,11 @@ class ResultStore:
     """Append-only JSON-lines file of result rows, with the keys already present for resuming."""
 
     def __init__(self, path):
-        self.path = Path(path)
-        if self.path.is_dir():
-            raise IsADirectoryError(f"results file {str(self.path)!r} is a folder; pass a file name, e.g. "
-                                    f"{str(self.path / 'results.jsonl')!r}")
-        blocker = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            raise NotADirectoryError(f"cannot put results file {str(self.path)!r} under {str(blocker)!r}, which is a "
-                                     "file, not a folder; pass a path in an existing or new folder")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = prepare_results_path(path)
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the keys present again (a run that held the file before ours may have added rows)."""
         self.keys = set()
         if self.path.is_file():
             self._repair()
@@ -168,6 +234,21 @@ class ResultStore:
 
     def rows(self) -> List[Dict[str, Any]]:
         return read_rows(self.path) if self.path.is_file() else []
+
+
+def unique_rows(rows: List[Dict[str, Any]], where: str = "results") -> List[Dict[str, Any]]:
+    """One row per key, the last written, with a warning naming the repeated keys. tta bench never writes a key
+    twice, but files joined by hand (`cat a.jsonl b.jsonl`) or written by two runs of an older tta can hold both."""
+    last: Dict[str, int] = {}
+    for i, r in enumerate(rows):
+        last[row_key(r)] = i
+    if len(last) == len(rows):
+        return rows
+    repeated = sorted({(r["method"], r["setting"], r["domain"]) for i, r in enumerate(rows) if last[row_key(r)] != i})
+    shown = ", ".join(f"{m} {s} {d}" for m, s, d in repeated[:5]) + (" ..." if len(repeated) > 5 else "")
+    warnings.warn(f"{where}: {len(rows) - len(last)} row(s) repeat the key of a later row ({shown}); using the last "
+                  "row of each key. Remove the earlier lines to silence this")
+    return [r for i, r in enumerate(rows) if last[row_key(r)] == i]
 
 
 def _json_default(obj):

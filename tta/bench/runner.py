@@ -22,7 +22,8 @@ from ..data.streams import Domain, iterate_domain, iterate_stream
 from ..devices import check_device
 from .datasets import BuildContext, build_domains
 from .metrics import make_meter
-from .results import ResultStore, config_id, device_description, git_revision, package_versions, row_key
+from .results import (ResultStore, config_id, device_description, git_revision, package_versions, row_key,
+                      run_lock)
 from .spec import BenchmarkSpec, MethodSpec
 
 MAX_CURVE_POINTS = 100
@@ -147,7 +148,13 @@ class Runner:
 
     # ---- running -------------------------------------------------------------------------------------------
     def run(self) -> Dict[str, int]:
-        """Run every job; returns counts of rows written and skipped."""
+        """Run every job; returns counts of rows written and skipped. A second run on the same results file at the
+        same time is refused (ResultsBusyError) rather than computing and writing every row again."""
+        with run_lock(self.store.path):
+            self.store.reload()  # rows a run that finished since we opened the file has written
+            return self._run()
+
+    def _run(self) -> Dict[str, int]:
         spec = self.spec
         base_model = None
         if spec.model.per_domain:
