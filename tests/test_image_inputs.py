@@ -146,3 +146,54 @@ def test_bench_on_error_skip_is_refused_for_kinds_without_image_files(tmp_path, 
               "methods": ["source"]}
     code, _ = _bench(values, tmp_path, "--on-error", "skip")
     assert code == 2 and "--on-error skip applies to the data kinds" in capsys.readouterr().err
+
+
+# ---- a user's own IT3 network in a benchmark --------------------------------------------------------------------
+OWN_IT3 = f"{__name__}:it3_classifier"
+
+
+def it3_classifier(bare: bool = False):
+    """A user's classifier made an IT3 network f(x, y): wrapped with its normalisation first, then IT3Net with y
+    added after the batch norm (module `net.1` of the wrapped model)."""
+    import tta
+    from tta.nets import IT3Net
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    if bare:
+        return IT3Net(net, num_outputs=10, layer="1")
+    model = tta.wrap_model(net, mean=[0.286], std=[0.353], class_names=[f"c{i}" for i in range(10)],
+                           input_size=(1, 28, 28), name="own-it3")
+    return IT3Net(model, num_outputs=10, layer="net.1")
+
+
+def test_a_factory_returning_an_it3net_runs_it3_in_bench(tmp_path, capsys):
+    from tta.nets import IT3Net
+    weights = tmp_path / "own-it3.pt"
+    torch.save(it3_classifier().state_dict(), weights)
+    values = {"name": "own-it3", "model": {"factory": OWN_IT3, "weights": str(weights)},
+              "data": {"kind": "fashion-mnist", "per_class": 1}, "settings": ["episodic"], "batch_size": 5,
+              "methods": ["source", {"name": "it3", "config": {"steps": 1}}]}
+    code, out = _bench(values, tmp_path, "--allow-code")
+    assert code == 0, capsys.readouterr().err
+    assert [r["method"] for r in _rows(out)] == ["source", "it3"] and all(r["n"] == 10 for r in _rows(out))
+    from tta.bench.spec import load_spec
+    spec = tmp_path / "spec.yaml"
+    assert isinstance(load_spec(spec).model.build(allow_code=True), IT3Net)  # not wrapped again
+    # as a method's own model too, beside a plain benchmark model
+    values["model"] = {"name": "zoo:fmnist-cnn"}
+    values["methods"] = ["source", {"name": "it3", "model": {"factory": OWN_IT3}, "config": {"steps": 1}}]
+    code, out = _bench(values, tmp_path, "--allow-code")
+    assert code == 0, capsys.readouterr().err
+
+
+def test_a_ready_made_model_refuses_settings_for_bare_networks(tmp_path, capsys):
+    values = {"name": "own-it3", "model": {"factory": OWN_IT3, "mean": [0.5]},
+              "data": {"kind": "fashion-mnist", "per_class": 1}, "methods": ["source"]}
+    code, _ = _bench(values, tmp_path, "--allow-code")
+    err = capsys.readouterr().err
+    assert code == 2 and "model.mean applies to a bare network" in err and "ready-made IT3Net" in err
+    assert "remove model.mean" in err
+    values["model"] = {"factory": OWN_IT3, "kwargs": {"bare": True}}
+    code, _ = _bench(values, tmp_path, "--allow-code")
+    assert code == 2 and "IT3Net(tta.wrap_model(net" in capsys.readouterr().err

@@ -28,7 +28,8 @@ from .factories import check_factory, resolve_factory
 @dataclass
 class ModelSpec:
     """A `tta.create_model` spec (`name`), or a Python factory returning an nn.Module that is wrapped with
-    `mean`, `std`, `input_size` and `class_names` (for networks of your own, e.g. a CIFAR WideResNet)."""
+    `mean`, `std`, `input_size` and `class_names` (for networks of your own, e.g. a CIFAR WideResNet). A factory
+    that returns a tta model already (an ImageModel from tta.wrap_model, or an IT3Net around one) is used as is."""
     name: Optional[str] = None
     factory: Optional[str] = None            # "package.module:function"
     weights: Optional[str] = None            # a local checkpoint (never a download)
@@ -63,8 +64,9 @@ class ModelSpec:
     def build(self, class_names: Optional[List[str]] = None, templates=None, allow_code: bool = False):
         """The wrapped model; `class_names` / `templates` come from the domain when class_names is 'data'.
         A `factory` outside the packages of tta.bench.factories is refused unless `allow_code`."""
-        from ..models import create_model, wrap_model
+        from ..models import ImageModel, create_model, wrap_model
         from ..models.weights import load_weights
+        from ..nets import IT3Net
         names = class_names if self.per_domain else self.class_names
         kwargs = dict(self.kwargs)
         if self.name is not None:
@@ -86,9 +88,29 @@ class ModelSpec:
         net = resolve_factory(self.factory, allow_code)(**kwargs)
         if self.weights is not None:
             load_weights(net, self._weights())
+        if isinstance(net, (ImageModel, IT3Net)):
+            return self._ready_made(net)
         extra = {k: v for k, v in (("mean", self.mean), ("std", self.std)) if v is not None}
         return wrap_model(net, class_names=names, input_size=tuple(self.input_size or (3, 224, 224)),
                           task=self.task or "classification", name=self.factory, **extra)
+
+    def _ready_made(self, model):
+        """A factory's tta model, not wrapped again: an ImageModel inside another would hide an IT3Net from the
+        it3 method (which needs f(x, y)) and normalise the images twice."""
+        kind = type(model).__name__
+        for key in ("mean", "std", "class_names", "task"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"model.{key} applies to a bare network, but {self.factory} returns a ready-made {kind}, which "
+                                 f"brings its own; remove model.{key} from the benchmark file, or set it in the "
+                                 "factory where it wraps the network (tta.wrap_model)")
+        if model.input_size is None:  # an IT3Net around a bare network: nothing says how to size or normalise
+            raise ValueError(f"{self.factory} returns an IT3Net around a bare {type(model.net).__name__}, so nothing "
+                             "says how to size and normalise its images; build it as IT3Net(tta.wrap_model(net, "
+                             "mean=..., std=..., class_names=..., input_size=...), num_outputs=K, "
+                             "layer='net.<module name>')")
+        if self.input_size is not None:  # evaluate at another resolution, as for named models
+            model.input_size = tuple(self.input_size)
+        return model
 
     def _weights(self) -> Optional[Path]:
         return expand_path(self.weights, "model.weights", "or edit model.weights") if self.weights else None
