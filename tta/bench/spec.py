@@ -100,9 +100,9 @@ class ModelSpec:
         kind = type(model).__name__
         for key in ("mean", "std", "class_names", "task"):
             if getattr(self, key) is not None:
-                raise ValueError(f"model.{key} applies to a bare network, but {self.factory} returns a ready-made {kind}, which "
-                                 f"brings its own; remove model.{key} from the benchmark file, or set it in the "
-                                 "factory where it wraps the network (tta.wrap_model)")
+                raise ValueError(f"model.{key} applies to a bare network, but {self.factory} returns a ready-made "
+                                 f"{kind}, which brings its own; remove model.{key} from the benchmark file, or set "
+                                 "it in the factory where it wraps the network (tta.wrap_model)")
         if model.input_size is None:  # an IT3Net around a bare network: nothing says how to size or normalise
             raise ValueError(f"{self.factory} returns an IT3Net around a bare {type(model.net).__name__}, so nothing "
                              "says how to size and normalise its images; build it as IT3Net(tta.wrap_model(net, "
