@@ -6,6 +6,7 @@ from typing import Any, List, Optional, Union
 
 import torch
 
+from ..models.hub import download_errors, require_hf_repo
 from .base import BACKENDS, DiffusionBackend, is_local, read_json_file, read_metadata
 
 PIPELINE_KINDS = {"DiTPipeline": "dit", "StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd"}
@@ -98,8 +99,12 @@ def create_backend(name_or_path: Union[str, os.PathLike, DiffusionBackend], kind
                          f"{', '.join(BACKENDS.names())}, or zoo:<judge> (tta zoo list); e.g. {EXAMPLES}")
     if not spec:
         raise ValueError(f"empty backend path; pass e.g. {EXAMPLES}")
-    kind = kind or detect_kind(spec)
-    backend = BACKENDS.get(kind).from_pretrained(spec, **kwargs)
+    what = f"the diffusion judge {spec}"
+    if not is_local(spec):  # a hub id: fail at once, naming the network, when it is not cached and cannot be fetched
+        require_hf_repo(spec, what)
+    with download_errors(what):
+        kind = kind or detect_kind(spec)
+        backend = BACKENDS.get(kind).from_pretrained(spec, **kwargs)
     backend.source = f"{kind}:{spec}"
     return backend.to(device) if device is not None else backend
 

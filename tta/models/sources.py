@@ -2,16 +2,19 @@
 
 Each source builds the network (hub weights when `pretrained`, a local file when `weights` is given) and
 returns an `ImageModel` that knows its normalisation, class names and input size. Heavy libraries are imported
-inside the builders, so `import tta` needs only torch.
+inside the builders, so `import tta` needs only torch. Hub weights not on this machine are downloaded only after a
+short check that the hub answers (tta.models.hub), so an offline machine gets one line saying so at once.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..registry import Registry
+from .hub import HF_HOST, download_errors, require_hf_repo, require_host, require_url
 from .weights import find_offline_weights, load_weights
 from .wrapper import IMAGENET_MEAN, IMAGENET_STD, ImageModel
 
@@ -42,13 +45,35 @@ def timm_model(name: str, pretrained: bool = True, weights=None, num_classes: Op
     if class_names is not None and num_classes is None:
         num_classes = len(class_names)
     extra = {"num_classes": num_classes} if num_classes is not None else {}
-    net = timm.create_model(name, pretrained=pretrained and weights is None, **extra, **kwargs)
+    download = pretrained and weights is None
+    if download:
+        require_timm_weights(name)
+    with download_errors(f"the timm weights of {name}"):
+        net = timm.create_model(name, pretrained=download, **extra, **kwargs)
     if weights is not None:
         load_weights(net, weights)
     cfg = net.pretrained_cfg
     return ImageModel(net, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD),
                       class_names or default_class_names(net.num_classes), tuple(cfg.get("input_size", (3, 224, 224))),
                       name=f"timm:{name}")
+
+
+def require_timm_weights(name: str) -> None:
+    """Before timm downloads the pretrained weights of `name`: fail at once if they are not cached and the host that
+    serves them does not answer. timm reads them from the Hugging Face hub when the model has a hub id, else from
+    its URL; a name timm does not know is left to timm's own error."""
+    from timm.models import get_pretrained_cfg
+    what = f"the timm weights of {name}"
+    for prefix in ("hf-hub:", "hf_hub:"):
+        if name.startswith(prefix):
+            return require_hf_repo(name[len(prefix):].partition("@")[0], what)
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or cfg.file or cfg.state_dict:
+        return
+    if cfg.hf_hub_id:
+        require_hf_repo(cfg.hf_hub_id, what)
+    elif cfg.url:
+        require_url(cfg.url, what)
 
 
 @MODEL_SOURCES.register("tv")
@@ -72,8 +97,13 @@ def torchvision_model(name: str, pretrained: bool = True, weights=None, num_clas
         categories = enum.meta.get("categories")
         local = find_offline_weights(enum.url.rsplit("/", 1)[-1])
         # An offline copy under the same file name is the same checkpoint; otherwise torchvision downloads it.
-        state = (torch.load(local, map_location="cpu", weights_only=True) if local
-                 else enum.get_state_dict(progress=True))
+        if local:
+            state = torch.load(local, map_location="cpu", weights_only=True)
+        else:
+            what = f"the torchvision weights {name}@{enum.name}"
+            require_url(enum.url, what)
+            with download_errors(what):
+                state = enum.get_state_dict(progress=True)
         net.load_state_dict(state)
     out = _output_width(net)
     names = class_names or categories or default_class_names(out)
@@ -120,7 +150,10 @@ def clip_model(name: str, pretrained: bool = True, weights=None, class_names: Op
     import open_clip
     arch, _, tag = name.partition("@")
     source = str(weights) if weights is not None else (tag or None) if pretrained else None
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source, **kwargs)
+    if source is not None and weights is None and not os.path.exists(os.path.expanduser(source)):
+        require_clip_weights(arch, source)
+    with download_errors(f"the open_clip weights {name}"):
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source, **kwargs)
     class_names = list(class_names) if class_names is not None else imagenet_class_names()
     if num_classes is not None and num_classes != len(class_names):
         raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names were given")
@@ -133,6 +166,20 @@ def clip_model(name: str, pretrained: bool = True, weights=None, class_names: Op
     std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
     return ImageModel(CLIPZeroShot(visual, head, logit_scale), mean, std, class_names, (3, *size),
                       name=f"clip:{name}")
+
+
+def require_clip_weights(arch: str, tag: str) -> None:
+    """Before open_clip downloads `arch`@`tag`: from the Hugging Face hub when the tag has a hub id (open_clip's
+    preference), else from its URL."""
+    import open_clip
+    what = f"the open_clip weights {arch}@{tag}"
+    if arch.startswith("hf-hub:"):
+        return require_hf_repo(arch[len("hf-hub:"):], what)
+    cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+    if cfg.get("hf_hub"):
+        require_hf_repo(os.path.split(cfg["hf_hub"])[0], what)
+    elif cfg.get("url"):
+        require_url(cfg["url"], what)
 
 
 @MODEL_SOURCES.register("smp")
@@ -150,12 +197,32 @@ def smp_model(name: str, pretrained: bool = True, weights=None, num_classes: Opt
         if class_names is None:
             raise ValueError("smp segmenters need num_classes or class_names")
         num_classes = len(class_names)
-    net = smp.create_model(arch, encoder_name=encoder, classes=num_classes,
-                           encoder_weights="imagenet" if pretrained and weights is None else None, **kwargs)
+    download = pretrained and weights is None
+    if download:
+        require_smp_weights(encoder)
+    with download_errors(f"the segmentation_models_pytorch encoder weights of {encoder}"):
+        net = smp.create_model(arch, encoder_name=encoder, classes=num_classes,
+                               encoder_weights="imagenet" if download else None, **kwargs)
     if weights is not None:
         load_weights(net, weights)
     names = None if task == "depth" else (list(class_names) if class_names else default_class_names(num_classes))
     return ImageModel(net, IMAGENET_MEAN, IMAGENET_STD, names, tuple(input_size), task=task, name=f"smp:{name}")
+
+
+def require_smp_weights(encoder: str) -> None:
+    """Before segmentation_models_pytorch downloads an encoder's ImageNet weights: timm's (`tu-` encoders) or the
+    Hugging Face repository its settings name."""
+    import segmentation_models_pytorch as smp
+    if encoder.startswith("tu-"):
+        return require_timm_weights(encoder[len("tu-"):])
+    settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get("imagenet", {})
+    what = f"the segmentation_models_pytorch encoder weights of {encoder}"
+    if settings.get("repo_id"):
+        require_hf_repo(settings["repo_id"], what)
+    elif settings.get("url"):
+        require_url(settings["url"], what)
+    elif settings:
+        require_host(HF_HOST, what)
 
 
 def create_model(spec: str, pretrained: bool = True, weights=None, **kwargs) -> ImageModel:

@@ -21,9 +21,14 @@ def package_dir(package: str) -> Optional[Path]:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def torch_hub_checkpoints() -> Path:
+    """The folder where torch.hub (and torchvision, timm) keep downloaded checkpoints."""
+    return Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
+
+
 def find_offline_weights(filename: str) -> Optional[Path]:
     """A checkpoint with this file name in torch's hub cache or in an installed offline weight package."""
-    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints" / filename
+    hub = torch_hub_checkpoints() / filename
     if hub.is_file():
         return hub
     for package in OFFLINE_WEIGHT_PACKAGES:
