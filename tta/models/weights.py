@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -22,8 +21,9 @@ def package_dir(package: str) -> Optional[Path]:
 
 
 def torch_hub_checkpoints() -> Path:
-    """The folder where torch.hub (and torchvision, timm) keep downloaded checkpoints."""
-    return Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
+    """The folder where torch.hub (and torchvision, timm) keep downloaded checkpoints: TORCH_HOME, XDG_CACHE_HOME
+    and torch.hub.set_dir respected, as torch.hub reads them."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def find_offline_weights(filename: str) -> Optional[Path]:
