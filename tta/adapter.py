@@ -125,6 +125,9 @@ class Adapter(nn.Module):
     """Adapts `model` on each call and returns its prediction. The model is adapted in place."""
     Config = AdapterConfig
     name = "adapter"
+    # True for methods whose setting is one example at a time (MEMO, Diffusion-TTA, IT3, slow inference): a caller
+    # that streams data (tta run) then gives them one example per call, so progress and cost show per example.
+    one_example_per_call: bool = False
 
     def __init__(self, model: nn.Module, cfg: Any = None, **overrides):
         super().__init__()
