@@ -106,3 +106,48 @@ def test_report_shows_each_row_once_keeping_the_last(tiny_weights, tmp_path):
         loaded = load_results([out])
     assert len(loaded) == 3 and len({row_key(r) for r in loaded}) == 3
     assert [r["metrics"]["accuracy"] for r in loaded if row_key(r) == row_key(again)] == [-1.0]
+
+
+def test_resume_never_takes_another_checkpoint_or_other_kwargs_for_the_same_model(tiny_weights, tmp_path,
+                                                                                   monkeypatch):
+    import shutil
+    from tta.bench.results import file_sha256
+    a, b = tmp_path / "a" / "net.pth", tmp_path / "b" / "net.pth"
+    a.parent.mkdir(), b.parent.mkdir()
+    shutil.copy(tiny_weights, a)
+    torch.manual_seed(1)
+    torch.save(timm.create_model("test_resnet", pretrained=False, num_classes=10).state_dict(), b)
+
+    def spec(**model):
+        values = spec_values("$KW", methods=["source"], settings=["continual"])
+        values["model"].update(model)
+        return parse_spec(values)
+
+    out = tmp_path / "r.jsonl"
+    monkeypatch.setenv("KW", str(a))
+    assert run_benchmark(spec(), out, progress=False)["written"] == 3
+    row = read_rows(out)[0]
+    assert row["model_info"]["weights"] == str(a.resolve())  # the checkpoint used, exactly
+    assert row["model_info"]["weights_sha256"] == file_sha256(a)
+    assert row["model_info"]["kwargs"] == {"num_classes": 10}
+    # the same file name, other content: computed again, the first rows kept
+    monkeypatch.setenv("KW", str(b))
+    assert run_benchmark(spec(), out, progress=False)["written"] == 3
+    # other factory kwargs: computed again
+    assert run_benchmark(spec(kwargs={"num_classes": 10, "drop_rate": 0.5}), out, progress=False)["written"] == 3
+    assert len({r["model"] for r in read_rows(out)}) == 3
+    # the same checkpoint in another folder (another machine) keeps its rows
+    elsewhere = tmp_path / "c" / "net.pth"
+    elsewhere.parent.mkdir()
+    shutil.copy(a, elsewhere)
+    monkeypatch.setenv("KW", str(elsewhere))
+    assert run_benchmark(spec(), out, progress=False)["written"] == 0
+
+
+def test_zoo_models_keep_the_keys_of_the_committed_rows():
+    from tta.bench.runner import model_id, model_info
+    from tta.bench.spec import load_spec
+    spec = load_spec("quick")
+    assert model_id(spec) == "zoo:fmnist-cnn"
+    assert {model_id(spec, m.model) for m in spec.methods if m.model} == {"zoo:fmnist-it3"}
+    assert model_info(spec.model)["weights"].endswith("fmnist-cnn.pt")  # the shipped checkpoint is recorded

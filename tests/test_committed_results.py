@@ -24,3 +24,16 @@ def test_committed_rows_match_their_spec(spec_path, results_path):
                     if expected.get((r["method"], r["setting"], r["seed"])) != r["config_id"]})
     assert not stale, (f"{results_path}: rows of {stale} were made with another config than {spec_path} resolves "
                        "to today; rerun those methods with the current code and replace their rows")
+
+
+@pytest.mark.parametrize("spec_path,results_path", PAIRS)
+def test_committed_rows_carry_the_model_and_data_keys_of_their_spec(spec_path, results_path, tmp_path):
+    """The rest of the key: a fresh clone resumes from these rows only if the model and data parts match too."""
+    from tta.bench.runner import Runner
+    spec = load_spec(ROOT / spec_path)
+    runner = Runner(spec, tmp_path / "unused.jsonl", progress=False, device="cpu")
+    fields = ("config_id", "model", "data_id", "batch_size")
+    expected = {(j.method.label, j.setting, j.seed): [runner.job_key(j)[f] for f in fields] for j in runner.jobs}
+    stale = sorted({r["method"] for r in read_rows(ROOT / results_path)
+                    if expected.get((r["method"], r["setting"], r["seed"])) != [r[f] for f in fields]})
+    assert not stale, f"{results_path}: rows of {stale} are keyed with another model, batch size or data"

@@ -31,6 +31,27 @@ def config_id(config: Dict[str, Any]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
+_SHA256_CACHE: Dict[tuple, str] = {}
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's content, or of a folder's files and their relative names (a model folder); computed
+    once per file version in a process (keyed by path, size and modification time)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if stats not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        for p in files:
+            if path.is_dir():
+                digest.update(f"{p.relative_to(path).as_posix()}\0{p.stat().st_size}\0".encode())
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        _SHA256_CACHE[stats] = digest.hexdigest()
+    return _SHA256_CACHE[stats]
+
+
 def row_key(row: Dict[str, Any]) -> str:
     missing = [k for k in KEY_FIELDS if k not in row]
     if missing:

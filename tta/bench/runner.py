@@ -22,9 +22,10 @@ from ..data.streams import Domain, iterate_domain, iterate_stream
 from ..devices import check_device
 from .datasets import BuildContext, build_domains
 from .metrics import make_meter
-from .results import (ResultStore, config_id, device_description, git_revision, package_versions, row_key,
-                      run_lock)
-from .spec import BenchmarkSpec, MethodSpec
+from .results import (ResultStore, config_id, device_description, file_sha256, git_revision, package_versions,
+                      row_key, run_lock)
+from .fields import expand_path
+from .spec import BenchmarkSpec, MethodSpec, ModelSpec
 
 MAX_CURVE_POINTS = 100
 
@@ -61,12 +62,72 @@ def data_descriptor(spec: BenchmarkSpec, limit: Optional[int]) -> Dict[str, Any]
     return desc
 
 
-def model_id(spec: BenchmarkSpec, m=None) -> str:
-    """The model a row was computed with: the benchmark's, or a method's own (`m`)."""
+# ModelSpec fields that the label already names (or, for weights, that the content hash stands for).
+_LABELLED_MODEL_FIELDS = ("name", "factory", "weights", "pretrained")
+
+
+def model_id(spec: BenchmarkSpec, m: Optional[ModelSpec] = None) -> str:
+    """The model a row was computed with, as its key names it: the benchmark's model, or a method's own (`m`).
+
+    A hub or zoo name with nothing else set keys as the name alone, as rows always have, so the committed results
+    keep matching. Anything else that decides the network, a weights file or any other model field (factory
+    `kwargs`, input size, class names, normalisation), adds `#<hash>` of the weight file's *content* and of those
+    fields: a resumed run then never takes a row of another checkpoint or other kwargs for its own, and a
+    checkpoint copied to another folder or machine keeps its rows. The resolved path is recorded in the row
+    (`model_info`), not in the key.
+    """
     m = m or spec.model
-    if m.weights:
-        return f"{m.label}+{Path(m.weights).name}"
-    return m.label if m.pretrained else f"{m.label}+random"
+    weights = _weights_path(m)
+    label = f"{m.label}+{weights.name}" if weights else (m.label if m.pretrained else f"{m.label}+random")
+    identity = _model_fields(m)
+    if weights is not None:
+        identity["weights_sha256"] = file_sha256(weights)
+    return f"{label}#{config_id(identity)[:8]}" if identity else label
+
+
+def model_info(m: ModelSpec) -> Dict[str, Any]:
+    """What a row records about its model: the fields the benchmark file gives, and the checkpoint used (its path
+    and content hash; a zoo model's shipped checkpoint too)."""
+    info: Dict[str, Any] = {k: v for k, v in (("name", m.name), ("factory", m.factory)) if v is not None}
+    info.update(_model_fields(m))
+    weights = _weights_path(m)
+    if weights is None and m.name and m.name.startswith("zoo:"):
+        from ..zoo import checkpoint_path
+        try:
+            weights = checkpoint_path(m.name[len("zoo:"):])
+        except KeyError:  # not a zoo member: building the model says so, with the members
+            weights = None
+        weights = weights if weights is not None and weights.exists() else None
+    if weights is not None:
+        info.update(weights=str(weights.resolve()), weights_sha256=file_sha256(weights))
+    if not m.pretrained:
+        info["pretrained"] = False
+    return info
+
+
+def _weights_path(m: ModelSpec) -> Optional[Path]:
+    """The weight file `m` names, with ~ and $VARS expanded; an error says what is missing before anything runs."""
+    if not m.weights:
+        return None
+    path = expand_path(m.weights, "model.weights", "or edit model.weights")
+    if not path.exists():
+        raise FileNotFoundError(f"model.weights {str(path)!r} does not exist; pass the path of a local checkpoint "
+                                "(.pth/.pt/.safetensors) or remove model.weights")
+    return path
+
+
+def _model_fields(m: ModelSpec) -> Dict[str, Any]:
+    """The model fields set to something other than their default, besides those the label names. A field added to
+    ModelSpec later with its default is left out, so it changes no key. `class_names: data` is left out too: the
+    data names the classes, and the data is keyed apart."""
+    out = {}
+    for f in dataclasses.fields(m):
+        value = getattr(m, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name in _LABELLED_MODEL_FIELDS or value == default or (f.name == "class_names" and value == "data"):
+            continue
+        out[f.name] = value
+    return out
 
 
 class _Progress:
@@ -130,18 +191,26 @@ class Runner:
         self.data = data_descriptor(spec, limit)
         self.data_id = f"{spec.data.kind}:{config_id(self.data)}"
         self.model_id = model_id(spec)
+        # per ModelSpec (the benchmark's and each method's own): hashing a checkpoint once per run is enough
+        self._models = {id(m): (model_id(spec, m), model_info(m))
+                        for m in [spec.model] + [m.model for m in selected if m.model is not None]}
         self.provenance = {"device": device_description(str(self.device)), "versions": package_versions(),
                            "git": git_revision(), "threads": torch.get_num_threads()}
 
     # ---- keys ----------------------------------------------------------------------------------------------
+    def job_key(self, job: Job) -> Dict[str, Any]:
+        """The key fields a job's rows share (every one but the domain's)."""
+        return {"benchmark": self.spec.name, "method": job.method.label, "config_id": job.config_id,
+                "model": self._models[id(job.method.model or self.spec.model)][0],
+                "data_id": self.data_id + (f"+first{job.method.limit}" if job.method.limit else ""),
+                "setting": job.setting, "batch_size": job.batch_size, "seed": job.seed}
+
     def _row_base(self, job: Job, domain: Domain) -> Dict[str, Any]:
-        return {"benchmark": self.spec.name, "method": job.method.label, "adapter": job.method.name,
-                "config": job.config, "config_id": job.config_id,
-                "model": model_id(self.spec, job.method.model) if job.method.model else self.model_id,
-                "data_id": self.data_id + (f"+first{job.method.limit}" if job.method.limit else "")
-                + domain.info.get("data_id_suffix", ""),  # files --on-error skip dropped (tta.bench.datasets)
-                "data": self.data, "domain": domain.name, "severity": domain.severity, "setting": job.setting,
-                "batch_size": job.batch_size, "seed": job.seed}
+        row = self.job_key(job)
+        row["data_id"] += domain.info.get("data_id_suffix", "")  # files --on-error skip dropped (tta.bench.datasets)
+        row.update({"adapter": job.method.name, "config": job.config, "data": self.data, "domain": domain.name,
+                    "severity": domain.severity})
+        return row
 
     def _missing(self, job: Job, domains: List[Domain]) -> List[bool]:
         return [row_key(self._row_base(job, d)) not in self.store for d in domains]
@@ -304,6 +373,7 @@ class Runner:
             "n_batches": batches, "steps_per_batch": job.config.get("steps"), "seconds": round(wall_s, 4),
             "seconds_model": round(model_s, 4), "curve": _thin(curve), "domain_info": domain.info,
             "mce_baseline": self.spec.mce_baseline,
+            "model_info": self._models[id(job.method.model or self.spec.model)][1],  # which checkpoint, exactly
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **self.provenance,
         })
