@@ -163,8 +163,8 @@ class Adapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.check_input(x)
         # Refusals found only once the network runs (a size it cannot take, outputs that are not class scores)
-        # come after batch-norm layers updated their counters: those are put back, so a refused input changes
-        # nothing. Every such refusal comes before the first update, which nothing else precedes.
+        # come after batch-norm layers in training mode counted the batch; they come in the first forward pass,
+        # before any update, so putting those buffers back is all it takes for a refused input to change nothing.
         with running_stats_kept_on_refusal(self):
             if not self.cfg.episodic:
                 return self.adapt_and_predict(x)
