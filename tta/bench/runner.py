@@ -40,7 +40,7 @@ class Job:
 
     @property
     def config_id(self) -> str:
-        return config_id(self.config)
+        return config_id(self.config, ("adapter", f"adapter:{self.method.name}"))
 
 
 def plan_jobs(spec: BenchmarkSpec, methods: List[MethodSpec]) -> List[Job]:
@@ -189,7 +189,7 @@ class Runner:
         self.progress = progress
         self.num_workers = spec.num_workers if num_workers is None else num_workers
         self.data = data_descriptor(spec, limit)
-        self.data_id = f"{spec.data.kind}:{config_id(self.data)}"
+        self.data_id = f"{spec.data.kind}:{config_id(self.data, ('data', f'data:{spec.data.kind}'))}"
         self.model_id = model_id(spec)
         # per ModelSpec (the benchmark's and each method's own): hashing a checkpoint once per run is enough
         self._models = {id(m): (model_id(spec, m), model_info(m))
