@@ -93,3 +93,79 @@ def test_run_shows_the_source_once(capsys):
                  "--limit", "4"]) == 0
     out = capsys.readouterr().out
     assert "before (source)" in out and "after (source)" not in out and "after (tent)" in out
+
+
+def test_per_example_methods_get_one_image_per_call_and_the_bar_counts_images(monkeypatch):
+    from torch import nn
+    from tqdm import tqdm
+    from tta.cli import _batches, _evaluate
+    from tta.methods.diffusion_tta import DiffusionTTA
+    from tta.methods.slow_inference import SlowInference
+
+    class Recorder(nn.Module):
+        def __init__(self, one_example_per_call):
+            super().__init__()
+            self.one_example_per_call = one_example_per_call
+            self.calls = []
+
+        def forward(self, x):
+            self.calls.append(len(x))
+            return torch.zeros(len(x), 3)
+
+    updates = []
+    original = tqdm.update
+    monkeypatch.setattr(tqdm, "update", lambda bar, n=1: (updates.append(n), original(bar, n))[1])
+    data = torch.utils.data.TensorDataset(torch.rand(10, 3, 8, 8), torch.zeros(10, dtype=torch.long))
+    loader = _batches(data, 64, None)
+    per_example, batched = Recorder(True), Recorder(False)
+    assert _evaluate(per_example, loader, None, 0, 0, "cpu", "memo")["accuracy"] == 1.0
+    assert per_example.calls == [1] * 10 and updates == [1] * 10  # the bar moves per image
+    updates.clear()
+    _evaluate(batched, loader, None, 0, 0, "cpu", "tent")
+    assert batched.calls == [10] and updates == [10]  # and counts images for batch methods too
+    # which methods are per-example
+    for name in ("memo", "it3", "diffusion_classifier"):
+        assert tta.adapter.ADAPTERS.get(name).one_example_per_call is True
+    assert tta.adapter.ADAPTERS.get("tent").one_example_per_call is False
+    from types import SimpleNamespace
+    for cls in (DiffusionTTA, SlowInference):  # per example unless the method splits the batch itself
+        assert cls.one_example_per_call.fget(SimpleNamespace(cfg=SimpleNamespace(per_example=False))) is (
+            cls is DiffusionTTA)
+        assert cls.one_example_per_call.fget(SimpleNamespace(cfg=SimpleNamespace(per_example=True))) is (
+            cls is SlowInference)
+
+
+def test_pass_times_leave_out_start_up(monkeypatch, capsys):
+    import re
+    import time as clock
+    from torch import nn
+    real_create_model = tta.create_model
+
+    class SlowFirstCall(nn.Module):
+        """A network whose first call pays a one-off start-up of 0.5 s (as lazy kernel selection, CUDA start)."""
+
+        def __init__(self, net):
+            super().__init__()
+            self.inner, self.started = net, False
+
+        def forward(self, x):
+            if not self.started:
+                clock.sleep(0.5)
+                self.started = True
+            return self.inner(x)
+
+    def slow_start_model(spec, **kwargs):
+        clock.sleep(0.3)  # loading
+        base = real_create_model(spec, **kwargs)
+        return tta.wrap_model(SlowFirstCall(base.net), tuple(base.mean.flatten().tolist()),
+                              tuple(base.std.flatten().tolist()), base.class_names, base.input_size)
+
+    monkeypatch.setattr(tta, "create_model", slow_start_model)
+    assert main(["run", "--model", "zoo:fmnist-cnn", "--data", "foolbox:fashionMNIST", "--method", "source,tent",
+                 "--limit", "8"]) == 0
+    out = capsys.readouterr().out
+    source_s = float(re.search(r"before \(source\).* ([\d.]+) s\n", out).group(1))
+    assert source_s < 0.3, out  # neither the load nor the first call's start-up
+    load_s, first_s = map(float, re.search(r"model load ([\d.]+) s, first call ([\d.]+) s", out).groups())
+    assert load_s >= 0.3 and first_s >= 0.5
+    assert "reading and corrupting images" in out

@@ -73,26 +73,55 @@ def _batches(dataset, batch_size: int, limit: Optional[int]):
 
 
 def _evaluate(predict, loader, corruption, severity, seed, device, desc) -> Dict[str, object]:
-    """Run `predict` over the stream; returns counts, accuracy (when labelled) and wall time."""
+    """Run `predict` over the stream; returns counts, accuracy (when labelled), the model time (seconds inside
+    `predict`) and the data time (reading and corrupting the images, the same for every pass).
+
+    The bar counts images. A per-example method (one_example_per_call) gets the images of a batch one call at a
+    time, so its bar moves per image; the batches are still read and corrupted whole, so every pass sees the same
+    images."""
     from tqdm import tqdm
     from .data import corrupt_images
     correct = seen = labelled = 0
     counts: Dict[int, int] = {}
-    start = time.perf_counter()
-    with tqdm(loader, desc=desc, unit="batch", leave=False) as bar:  # closed (line cleared) on Ctrl-C too
-        for i, (x, y) in enumerate(bar):
+    model_s = data_s = 0.0
+    one_by_one = getattr(predict, "one_example_per_call", False)
+    with tqdm(total=len(loader.dataset), desc=desc, unit="img", leave=False) as bar:  # cleared on Ctrl-C too
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(loader):
             if corruption:
                 x = corrupt_images(x, corruption, severity, seed=seed + i)
-            pred = predict(x.to(device)).argmax(1).cpu()
+            x = x.to(device)
+            data_s += time.perf_counter() - start
+            preds = []
+            for chunk in x.split(1) if one_by_one else (x,):
+                start = time.perf_counter()
+                preds.append(predict(chunk).argmax(1).cpu())  # .cpu() waits for the device: the time is complete
+                model_s += time.perf_counter() - start
+                bar.update(len(chunk))
+            pred = torch.cat(preds)
             for p in pred.tolist():
                 counts[p] = counts.get(p, 0) + 1
             mask = y >= 0
             correct += int((pred[mask] == y[mask]).sum())
             labelled += int(mask.sum())
             seen += len(y)
-    result = {"n": seen, "seconds": time.perf_counter() - start, "predictions": counts}
+            start = time.perf_counter()  # reading the next batch starts here
+    result = {"n": seen, "seconds": model_s, "data_seconds": data_s, "predictions": counts}
     result["accuracy"] = correct / labelled if labelled else None
     return result
+
+
+def _warm_up(model, image: torch.Tensor) -> float:
+    """One call of the source model on one image outside the passes, so that the one-off costs of a first call
+    (kernel selection, lazy allocation, CUDA start-up) are not counted in the first pass; returns its seconds.
+    Skipped for a per-example model (the Diffusion Classifier), whose first call is one image among many and costs
+    a whole image's work."""
+    if getattr(model, "one_example_per_call", False):
+        return 0.0
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(image[None]).cpu()
+    return time.perf_counter() - start
 
 
 def cmd_run(args) -> int:
@@ -106,8 +135,10 @@ def cmd_run(args) -> int:
     for name in methods:  # a typo in a name or a config key fails here, before any model loads
         tta.adapter.make_config(tta.adapter.ADAPTERS.get(name).Config, None, configs[name])
     model_kwargs = parse_assignments(args.model_set)
+    start = time.perf_counter()
     model = tta.create_model(args.model, pretrained=not args.no_pretrained, weights=args.weights, **model_kwargs)
     model = model.to(device).eval()
+    load_s = time.perf_counter() - start
     dataset = open_images(args.data, model.input_size, model.class_names, on_error=args.on_error)
     loader = _batches(dataset, args.batch_size, args.limit)
     shift = f"{args.corruption}-{args.severity}" if args.corruption else "clean"
@@ -120,15 +151,26 @@ def cmd_run(args) -> int:
         acc = "n/a (unlabelled data)" if res["accuracy"] is None else f"{100 * res['accuracy']:.1f}%"
         print(f"{label:<24} top-1 {acc:<24} {res['seconds']:.1f} s")
 
+    start = time.perf_counter()
+    first_image = loader.dataset[0][0].to(device) if len(loader.dataset) else None
+    data_s = time.perf_counter() - start
+    warm_s = _warm_up(model, first_image) if first_image is not None else 0.0
+    # Every pass starts from the same random state, so a method's result does not depend on those listed before it.
+    torch.manual_seed(args.seed)
     with torch.no_grad():
         source = _evaluate(model, loader, args.corruption, args.severity, args.seed, device, "source")
     show("before (source)", source)
+    data_s += source["data_seconds"]
     for name in methods:
         if name == "source" and not configs[name]:
             continue  # the unadapted model: already shown as "before (source)"
         adapter = tta.create_adapter(name, copy.deepcopy(model), **configs[name])
+        torch.manual_seed(args.seed)
         res = _evaluate(adapter, loader, args.corruption, args.severity, args.seed, device, name)
         show(f"after ({name})", res)
+        data_s += res["data_seconds"]
+    print(f"times are model time; not in them: start-up {load_s + warm_s:.1f} s (model load {load_s:.1f} s, first "
+          f"call {warm_s:.1f} s), reading and corrupting images {data_s:.1f} s")
     if source["accuracy"] is None:
         top = sorted(source["predictions"].items(), key=lambda kv: -kv[1])[:5]
         names = model.class_names or []
@@ -159,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "or a named set: foolbox:imagenet|cifar10|cifar100|mnist|fashionMNIST")
     p.add_argument("--corruption", help="apply an ImageNet-C corruption on the fly, e.g. gaussian_noise")
     p.add_argument("--severity", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per call for batch methods (default 64); per-example methods (memo, diffusion_tta, "
+                        "it3, slow_inference, ttt_mae, diffusion_classifier) get one image per call")
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0)

@@ -82,6 +82,7 @@ CLASSIFIER_OPTIONS = ("preset", "keep", "samples", "loss", "temperature", "micro
 @register_adapter("diffusion_classifier")
 class DiffusionClassifierAdapter(JudgedAdapter):
     Config = DiffusionClassifierConfig
+    one_example_per_call = True  # it scores image by image anyway
     judge_prefix = "classifier."
 
     def __init__(self, model: nn.Module, cfg: Any = None, backend: Any = None, **overrides):
@@ -121,6 +122,7 @@ def diffusion_model(name: str, pretrained: bool = True, weights=None, class_name
 class DiffusionClassifierModel(ImageModel):
     """What the `diffusion:` source returns: an ImageModel over a DiffusionClassifier, with the classifier's
     temperature and its calibration on the model itself."""
+    one_example_per_call = True  # it scores image by image anyway (see Adapter.one_example_per_call)
 
     @property
     def temperature(self) -> float:

@@ -76,6 +76,7 @@ class IT3Config(AdapterConfig):
 @register_adapter("it3")
 class IT3(Adapter):
     Config = IT3Config
+    one_example_per_call = True  # the paper adapts per test input
 
     def __init__(self, model: nn.Module, cfg=None, **overrides):
         if not isinstance(model, IT3Net):

@@ -30,6 +30,7 @@ class MEMOConfig(AdapterConfig):
 @register_adapter("memo")
 class MEMO(Adapter):
     Config = MEMOConfig
+    one_example_per_call = True
 
     def configure_model(self):
         super().configure_model()

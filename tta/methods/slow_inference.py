@@ -156,6 +156,10 @@ class SlowInference(Adapter):
         super().configure_model()
         self.model.requires_grad_(True)
 
+    @property
+    def one_example_per_call(self) -> bool:
+        return self.cfg.per_example
+
     def forward(self, x):
         if not self.cfg.per_example:
             return super().forward(x)
