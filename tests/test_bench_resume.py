@@ -151,3 +151,29 @@ def test_zoo_models_keep_the_keys_of_the_committed_rows():
     assert model_id(spec) == "zoo:fmnist-cnn"
     assert {model_id(spec, m.model) for m in spec.methods if m.model} == {"zoo:fmnist-it3"}
     assert model_info(spec.model)["weights"].endswith("fmnist-cnn.pt")  # the shipped checkpoint is recorded
+
+
+def test_bench_writes_to_runs_by_default_and_compares_with_the_committed_run(tiny_weights, tmp_path, monkeypatch,
+                                                                            capsys):
+    from tta.cli import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(json.dumps(spec_values(tiny_weights, methods=["source"],
+                                                               settings=["continual"])))
+    bench = ["bench", "tiny.yaml", "--no-progress", "--threads", "1"]
+    assert main(bench + ["--out", "results/tiny.jsonl"]) == 0  # the "committed" run
+    committed = (tmp_path / "results" / "tiny.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(bench) == 0
+    printed = capsys.readouterr().out
+    assert (tmp_path / "results" / "tiny.jsonl").read_bytes() == committed  # never rewritten
+    assert len(read_rows(tmp_path / "runs" / "tiny.jsonl")) == 3 and "-> runs/tiny.jsonl" in printed
+    assert "compared with results/tiny.jsonl: 3 of 3 row(s) in both have the same outcomes" in printed
+
+    rows = read_rows(tmp_path / "runs" / "tiny.jsonl")
+    rows[1]["per_image"]["pred"][0] += 1
+    rows[1]["metrics"]["accuracy"] = 0.0
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(bench + ["--reference", "other.jsonl"]) == 0
+    printed = capsys.readouterr().out
+    assert f"2 of 3 row(s) in both have the same outcomes; 1 differ (source continual {rows[1]['domain']}: " \
+           "accuracy" in printed and "reference 0;" not in printed and "reference 0)" in printed

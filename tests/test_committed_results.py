@@ -1,5 +1,6 @@
-"""The committed results are the rows their spec would key today: a fresh clone's `tta bench <spec>` finds every
-row already present instead of recomputing it under a new config id (and reports never show one method twice)."""
+"""The committed results are the rows their spec would key today: a fresh clone's `tta bench <spec>` compares its
+rows with them key by key, `--out results/<name>.jsonl` finds every row already present instead of recomputing it
+under a new id, and reports never show one method twice."""
 from pathlib import Path
 
 import pytest

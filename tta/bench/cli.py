@@ -19,7 +19,9 @@ def cmd_bench(args) -> int:
     from .runner import Runner
     from .spec import load_spec
     spec = load_spec(args.benchmark)
-    out = Path(args.out) if args.out else Path("results") / f"{Path(args.benchmark).stem}.jsonl"
+    # Not results/ by default: a checkout's results/ holds the committed runs, which a run would otherwise extend or
+    # mix with rows of this machine; runs/ is the user's own, and the committed run serves as the reference.
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.benchmark).stem}.jsonl"
     kwargs = dict(methods=_split(args.methods), limit=args.limit, device=args.device, data_root=args.data_root,
                   download=args.download, progress=not args.no_progress, num_workers=args.num_workers,
                   allow_code=args.allow_code, on_error=args.on_error)
@@ -41,6 +43,10 @@ def cmd_bench(args) -> int:
                   file=sys.stderr)
             return INTERRUPTED
         print(f"{spec.name}: {summary['written']} row(s) written, {summary['skipped']} already present -> {out}")
+    from .results import compare_runs, reference_file
+    reference = Path(args.reference) if args.reference else reference_file(args.benchmark)
+    if reference is not None and reference.resolve() != out.resolve():
+        print(compare_runs(out, reference))
     if args.report:
         from .report import write_report
         made = write_report([out], command=getattr(args, "command_line", None))
@@ -78,7 +84,10 @@ def register(subparsers) -> None:
     p.add_argument("--methods", action="append", metavar="LABEL[,LABEL]", help="run only these methods (labels)")
     p.add_argument("--limit", type=int, help="at most N images per domain (a seeded random subset), for a quick look")
     p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when present)")
-    p.add_argument("--out", help="results file (JSON lines); default results/<benchmark file name>.jsonl")
+    p.add_argument("--out", help="results file (JSON lines); default runs/<benchmark file name>.jsonl")
+    p.add_argument("--reference", metavar="FILE",
+                   help="a results file to compare this run's outcomes with, row by row (default: the committed run "
+                        "results/<benchmark file name>.jsonl, when there is one)")
     p.add_argument("--data-root", help="the folder of your copy of the data; overrides data.root of the file")
     p.add_argument("--download", action="store_true",
                    help="let torchvision download missing zero-shot sets (nothing is ever downloaded without it)")

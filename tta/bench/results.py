@@ -291,6 +291,70 @@ def unique_rows(rows: List[Dict[str, Any]], where: str = "results") -> List[Dict
     return [r for i, r in enumerate(rows) if last[row_key(r)] == i]
 
 
+# ---- comparing a run with a reference run ------------------------------------------------------------------
+def reference_file(benchmark: str) -> Optional[Path]:
+    """The committed run of a benchmark, `results/<name>.jsonl`, in the current folder or in the checkout tta runs
+    from; None when neither has one (an installed package ships no results)."""
+    name = f"{Path(benchmark).stem}.jsonl"
+    for folder in (Path("results"), Path(__file__).resolve().parents[2] / "results"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def compare_runs(path, reference, tol: float = 1e-6) -> str:
+    """One paragraph: how the rows of results file `path` compare with those of the same keys in `reference`.
+    Outcomes are the per-image records where both rows have them (each image's prediction), else the metrics;
+    numbers agree within `tol` (relative or absolute). Timings are never compared."""
+    rows = {row_key(r): r for r in unique_rows(read_rows(path), str(path))}
+    ref = {row_key(r): r for r in unique_rows(read_rows(reference), str(reference))}
+    both = [k for k in rows if k in ref]
+    differ = [k for k in both if not _same_outcome(rows[k], ref[k], tol)]
+    head = f"compared with {reference}: "
+    if not both:
+        return (head + f"no row of {path} has a key in the reference (another config, model, data or --limit?), so "
+                "there is nothing to compare")
+    text = head + f"{len(both) - len(differ)} of {len(both)} row(s) in both have the same outcomes"
+    if differ:
+        shown = "; ".join(_outcome_line(rows[k], ref[k]) for k in differ[:5]) + ("; ..." if len(differ) > 5 else "")
+        text += f"; {len(differ)} differ ({shown})"
+    only_here, only_ref = len(rows) - len(both), len(ref) - len(both)
+    if only_here or only_ref:
+        text += f"; {only_here} row(s) only in {path}, {only_ref} only in the reference"
+    return text
+
+
+def _same_outcome(a: Dict[str, Any], b: Dict[str, Any], tol: float) -> bool:
+    pa, pb = a.get("per_image"), b.get("per_image")
+    if pa and pb:
+        return _close(_by_image(pa), _by_image(pb), tol)
+    return _close(a["metrics"], b["metrics"], tol)
+
+
+def _by_image(records: Dict[str, list]) -> Dict[Any, Dict[str, Any]]:
+    """Per-image records keyed by image id (shards and runs may list the images in another order)."""
+    fields = [k for k in records if k != "id"]
+    return {i: {k: records[k][n] for k in fields} for n, i in enumerate(records["id"])}
+
+
+def _close(a: Any, b: Any, tol: float) -> bool:
+    import math
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return a == b
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=tol, abs_tol=tol)
+
+
+def _outcome_line(row: Dict[str, Any], ref: Dict[str, Any]) -> str:
+    metric = row.get("primary_metric") or next(iter(row["metrics"]), None)
+    value, was = row["metrics"].get(metric), ref["metrics"].get(metric)
+    number = (lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else str(v))
+    return f"{row['method']} {row['setting']} {row['domain']}: {metric} {number(value)}, reference {number(was)}"
+
+
 def _json_default(obj):
     if hasattr(obj, "tolist"):
         return obj.tolist()
