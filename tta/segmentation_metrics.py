@@ -1,15 +1,47 @@
-"""Segmentation agreement metrics for object discovery: ARI and foreground ARI (FG-ARI).
+"""Segmentation metrics: mean IoU and pixel accuracy from a confusion matrix, and for object discovery the
+adjusted Rand index (ARI) and foreground ARI (FG-ARI). Pure functions of tensors, below both the benchmark harness
+(whose meters accumulate them over a stream) and the zoo (which scores its segmenter with them).
 
-The adjusted Rand index (Hubert & Arabie, 1985) compares two labelings of the same pixels up to a permutation
-of the label ids, which is what slot models need: slot k has no fixed meaning. FG-ARI (used by MONet, IODINE,
-Slot Attention and Slot-TTA) scores only the pixels that belong to an object in the ground truth, so a model is
-not rewarded for merely finding the background.
+mIoU and pixel accuracy compare labels class by class. The adjusted Rand index (Hubert & Arabie, 1985) compares
+two labelings of the same pixels up to a permutation of the label ids, which is what slot models need: slot k has
+no fixed meaning. FG-ARI (used by MONet, IODINE, Slot Attention and Slot-TTA) scores only the pixels that belong to
+an object in the ground truth, so a model is not rewarded for merely finding the background.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
+import numpy as np
 import torch
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
+    """(K, K) int64 counts, rows = target class, columns = predicted class; `ignore_index` pixels are left out."""
+    pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+    keep = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    idx = target[keep] * num_classes + pred[keep].clamp(0, num_classes - 1)
+    return torch.bincount(idx.cpu(), minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def mean_iou(conf: Union[torch.Tensor, np.ndarray]) -> float:
+    """Mean over classes that occur (in target or prediction) of intersection / union."""
+    conf = np.asarray(conf, dtype=np.float64)
+    inter = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - inter
+    present = union > 0
+    if not present.any():
+        raise ValueError("mIoU of an empty confusion matrix")
+    return float((inter[present] / union[present]).mean())
+
+
+def pixel_accuracy(conf: Union[torch.Tensor, np.ndarray]) -> float:
+    """Fraction of the counted pixels whose predicted class is their target class."""
+    conf = np.asarray(conf, dtype=np.float64)
+    total = conf.sum()
+    if total == 0:
+        raise ValueError("pixel accuracy of an empty confusion matrix")
+    return float(np.trace(conf) / total)
 
 
 def _comb2(n: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,20 @@
 """Metrics: pure functions, plus small meters that accumulate them over a stream of batches.
 
 Classification: top-1 accuracy / error, expected calibration error, mean corruption error (mCE, normalised by
-AlexNet's errors when they are given). Segmentation: mean IoU and pixel accuracy from one confusion matrix.
+AlexNet's errors when they are given). Segmentation: mean IoU and pixel accuracy from one confusion matrix
+(tta.segmentation_metrics, below the harness, so the zoo scores its segmenter with the same functions).
 Depth: AbsRel, RMSE and delta < 1.25 pooled over valid pixels, and SSIM averaged over images.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..segmentation_metrics import adjusted_rand_index, confusion_matrix, foreground_ari, mean_iou, pixel_accuracy
 
 # AlexNet's top-1 error per corruption, averaged over severities 1-5 (Hendrycks & Dietterich 2019,
 # github.com/hendrycks/robustness); mCE divides a model's summed errors by AlexNet's.
@@ -78,35 +81,6 @@ def mean_corruption_error(errors: Mapping[Tuple[str, int], float],
         out[f"CE/{corruption}"] = mean_err / baseline[corruption]
     out["mCE"] = sum(out.values()) / len(out)
     return out
-
-
-# ---- segmentation ------------------------------------------------------------------------------------------
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = 255) -> torch.Tensor:
-    """(K, K) int64 counts, rows = target class, columns = predicted class; `ignore_index` pixels are left out."""
-    pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
-    keep = (target != ignore_index) & (target >= 0) & (target < num_classes)
-    idx = target[keep] * num_classes + pred[keep].clamp(0, num_classes - 1)
-    return torch.bincount(idx.cpu(), minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def mean_iou(conf: Union[torch.Tensor, np.ndarray]) -> float:
-    """Mean over classes that occur (in target or prediction) of intersection / union."""
-    conf = np.asarray(conf, dtype=np.float64)
-    inter = np.diag(conf)
-    union = conf.sum(0) + conf.sum(1) - inter
-    present = union > 0
-    if not present.any():
-        raise ValueError("mIoU of an empty confusion matrix")
-    return float((inter[present] / union[present]).mean())
-
-
-def pixel_accuracy(conf: Union[torch.Tensor, np.ndarray]) -> float:
-    conf = np.asarray(conf, dtype=np.float64)
-    total = conf.sum()
-    if total == 0:
-        raise ValueError("pixel accuracy of an empty confusion matrix")
-    return float(np.trace(conf) / total)
 
 
 # ---- depth -------------------------------------------------------------------------------------------------
@@ -326,7 +300,6 @@ class ObjectDiscoveryMeter(_PerImage):
         self._start_records("fg_ari", "ari")
 
     def update(self, outputs: torch.Tensor, target: torch.Tensor, ids: Optional[torch.Tensor] = None) -> None:
-        from ..segmentation_metrics import adjusted_rand_index, foreground_ari
         if outputs.dim() != 4:
             raise ValueError(f"object discovery needs (B, S, H, W) slot masks, got {tuple(outputs.shape)}")
         if outputs.shape[-2:] != target.shape[-2:]:

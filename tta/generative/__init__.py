@@ -12,5 +12,5 @@ from .pixel_unet import PixelUNetBackend  # noqa: F401
 from .map_unet import MapUNetBackend  # noqa: F401
 from .dit import DiTBackend  # noqa: F401
 from .stable_diffusion import StableDiffusionBackend  # noqa: F401
-from .loading import create_backend, detect_kind, list_backends  # noqa: F401
+from .loading import JUDGE_SOURCES, create_backend, detect_kind, list_backends  # noqa: F401
 from .classifier import PRUNING_PRESETS, DiffusionClassifier, fit_temperature  # noqa: F401

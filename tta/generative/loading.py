@@ -7,12 +7,24 @@ from typing import Any, List, Optional, Union
 import torch
 
 from ..models.hub import download_errors, require_hf_repo
+from ..registry import Registry
 from .base import BACKENDS, DiffusionBackend, is_local, read_json_file, read_metadata
 
 PIPELINE_KINDS = {"DiTPipeline": "dit", "StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd"}
 KIND_FILES = "tta_backend.json, model_index.json, unet/config.json or config.json"
 EXAMPLES = ("pixel-unet:/path/to/fmnist_judge, dit:facebook/DiT-XL-2-256, sd:stabilityai/stable-diffusion-2-base, "
             "map-unet:/path/to/seg_judge")
+
+# Named judges: "<source>:<name>" -> the judge's folder (or another spec), for judges that ship with a package rather
+# than live at a path the user knows. The zoo registers "zoo" (tta/zoo/registry.py), so this package never imports
+# the zoo at module level: the zoo imports this package to train and check its judges.
+JUDGE_SOURCES = Registry("judge source")
+
+
+def judge_sources() -> Registry:
+    """JUDGE_SOURCES with the project's own sources registered, whichever tta modules were imported so far."""
+    from .. import zoo  # noqa: F401  (registers "zoo"; inside the function because the zoo imports this package)
+    return JUDGE_SOURCES
 
 
 def _read_json(file: str) -> dict:
@@ -74,8 +86,9 @@ def create_backend(name_or_path: Union[str, os.PathLike, DiffusionBackend], kind
                    device: Optional[Union[str, torch.device]] = None, **kwargs: Any) -> DiffusionBackend:
     """Load a diffusion judge through diffusers' from_pretrained.
 
-    `name_or_path` is "<kind>:<hub id or folder>" (kind in list_backends()), "zoo:<judge>" (tta zoo list), or a
-    local folder whose kind is read from its files; keyword arguments go to the backend's from_pretrained
+    `name_or_path` is "<kind>:<hub id or folder>" (kind in list_backends()), a named judge "<source>:<name>"
+    (source in JUDGE_SOURCES, e.g. "zoo:fmnist-judge", see tta zoo list), or a local folder whose kind is read
+    from its files; keyword arguments go to the backend's from_pretrained
     (class_names, prompt, torch_dtype, map_kind, map_range, ...). A DiffusionBackend object is returned as it is.
     """
     if isinstance(name_or_path, DiffusionBackend):
@@ -84,10 +97,10 @@ def create_backend(name_or_path: Union[str, os.PathLike, DiffusionBackend], kind
         raise TypeError(f"a backend is a '<kind>:<hub id or folder>' string, a folder or a DiffusionBackend; "
                         f"got {type(name_or_path).__name__}")
     spec = os.fspath(name_or_path)
-    if spec.startswith("zoo:"):  # a judge of the project's zoo, wherever the package is installed
-        from ..zoo import checkpoint_path
-        spec = str(checkpoint_path(spec[len("zoo:"):]))
     prefix, sep, rest = spec.partition(":")
+    if sep and prefix not in BACKENDS and prefix in judge_sources():  # e.g. zoo:fmnist-judge, wherever installed
+        spec = os.fspath(JUDGE_SOURCES.get(prefix)(rest))
+        prefix, sep, rest = spec.partition(":")
     if sep and prefix in BACKENDS:
         if kind is not None and kind != prefix:
             raise ValueError(f"kind={kind!r} contradicts the prefix of {spec!r}")
@@ -96,7 +109,8 @@ def create_backend(name_or_path: Union[str, os.PathLike, DiffusionBackend], kind
         # A hub id never holds ':' (and 'C:' is a Windows drive), so this is a kind tta does not know: say so
         # rather than ask the hub for a repository that cannot exist.
         raise ValueError(f"unknown diffusion backend kind {prefix!r} in {spec!r}; valid kinds: "
-                         f"{', '.join(BACKENDS.names())}, or zoo:<judge> (tta zoo list); e.g. {EXAMPLES}")
+                         f"{', '.join(BACKENDS.names())}, or a named judge "
+                         f"{' / '.join(f'{s}:<name>' for s in JUDGE_SOURCES.names())}; e.g. {EXAMPLES}")
     if not spec:
         raise ValueError(f"empty backend path; pass e.g. {EXAMPLES}")
     what = f"the diffusion judge {spec}"

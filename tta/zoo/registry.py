@@ -1,4 +1,4 @@
-"""Zoo bookkeeping: member name -> (builder, trainer), checkpoint location, the `zoo:` model source."""
+"""Zoo bookkeeping: member name -> (builder, trainer), checkpoint location, the `zoo:` model and judge sources."""
 from __future__ import annotations
 
 import inspect
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from ..generative.loading import JUDGE_SOURCES
 from ..models.sources import MODEL_LISTERS, MODEL_SOURCES
 from ..registry import Registry
 
@@ -74,3 +75,9 @@ def zoo_model(name: str, pretrained: bool = True, weights=None, **kwargs):
         raise FileNotFoundError(f"no checkpoint for zoo model {name!r} at {path}; "
                                 f"create it with `tta zoo train {name}`")
     return member.load(path if pretrained else None)
+
+
+@JUDGE_SOURCES.register("zoo")
+def zoo_judge(name: str) -> Path:
+    """`zoo:fmnist-judge`: the folder of a diffusion judge of the project's zoo, for create_backend."""
+    return checkpoint_path(name)

@@ -24,6 +24,7 @@ from torch import nn
 from ..data.scenes import CANVAS, CLASS_NAMES, test_scenes, train_scenes
 from ..models.weights import load_weights
 from ..models.wrapper import ImageModel
+from ..segmentation_metrics import adjusted_rand_index, confusion_matrix, foreground_ari, mean_iou, pixel_accuracy
 from .ddpm import log_progress
 from .registry import ZooMember, register_member
 
@@ -67,12 +68,13 @@ def load_segmenter(path: Optional[Path], **kwargs) -> ImageModel:
 
 
 def _seg_scores(model, images, masks):
-    from ..bench.metrics import SegmentationMeter
-    meter = SegmentationMeter(len(CLASS_NAMES))
+    """mIoU and pixel accuracy over all the scenes (one confusion matrix), as the harness's SegmentationMeter."""
+    conf = torch.zeros(len(CLASS_NAMES), len(CLASS_NAMES), dtype=torch.int64)
     with torch.no_grad():
         for i in range(0, len(images), 256):
-            meter.update(model(images[i:i + 256]), masks[i:i + 256])
-    return meter.compute()
+            pred = model(images[i:i + 256]).argmax(1)
+            conf += confusion_matrix(pred.cpu(), masks[i:i + 256].cpu(), len(CLASS_NAMES))
+    return {"miou": mean_iou(conf), "pixel_accuracy": pixel_accuracy(conf)}
 
 
 def train_segmenter(out: Path, steps: Optional[int] = None, device: str = "cpu", seed: int = 0,
@@ -188,7 +190,6 @@ def load_slots(path: Optional[Path], **kwargs):
 
 
 def _ari_scores(model, scenes) -> dict:
-    from ..segmentation_metrics import adjusted_rand_index, foreground_ari
     with torch.no_grad():
         pred = torch.cat([model.predict(scenes.images[i:i + 256]).argmax(1) for i in range(0, len(scenes), 256)])
     return {"ari": adjusted_rand_index(scenes.instances, pred).mean().item(),
