@@ -2,7 +2,8 @@
 
 A row is appended with a single write, then flushed and fsynced, under an exclusive lock, so a crash leaves
 at most one partial last line. Opening the store repairs that: the fragment after the last newline is cut off
-(complete rows are never touched) and its key is simply run again.
+(complete rows are never touched) and its key is simply run again. A whole run holds `<file>.lock` (run_lock), so
+two runs never compute and append the same rows.
 """
 from __future__ import annotations
 
