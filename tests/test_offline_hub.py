@@ -137,3 +137,14 @@ def test_a_probe_that_gets_no_answer_gives_up_after_its_timeout(monkeypatch):
     for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     assert hub.connection_failure("huggingface.co") == "cannot connect to huggingface.co: no answer within 3 s"
+
+
+def test_the_probe_asks_the_hub_huggingface_hub_uses(monkeypatch, probes, tmp_path):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hf-mirror.example")
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(hub.HubUnreachable, match="hf-mirror.example"):
+        hub.require_hf_repo("timm/resnet18.a1_in1k", "test weights")
+    assert probes == ["hf-mirror.example"]

@@ -77,13 +77,14 @@ def require_host(url_or_host: str, what: str, cache_hint: str = FROM_THE_CACHE) 
     """Called right before `what` is downloaded from `url_or_host`: raise HubUnreachable, without waiting for a
     library's retries, when downloads are switched off or the host does not answer. `cache_hint` ends the message
     of the second case: how to put the files where the library finds them without a network."""
-    host = urllib.parse.urlsplit(url_or_host).hostname if "://" in url_or_host else url_or_host
+    url = urllib.parse.urlsplit(url_or_host if "://" in url_or_host else f"https://{url_or_host}")
+    host, port = url.hostname or url_or_host, url.port or (80 if url.scheme == "http" else 443)
     switch = offline_switch()
     if switch:
         raise HubUnreachable(f"cannot load {what}: its files are not on this machine and downloads are switched off "
                              f"({switch} is set); {OFFLINE_ALTERNATIVES}; or unset {switch} on a machine with a "
                              "network to download them")
-    failure = connection_failure(host)
+    failure = connection_failure(host, port)
     if failure:
         raise HubUnreachable(f"cannot download {what}: no network ({failure}); {OFFLINE_ALTERNATIVES}{cache_hint}")
 
@@ -126,10 +127,19 @@ def hf_cached(repo_id: str) -> bool:
     return snapshots.is_dir() and any(p.is_dir() and any(p.iterdir()) for p in snapshots.iterdir())
 
 
+def hf_endpoint() -> str:
+    """The hub huggingface_hub downloads from: HF_ENDPOINT (a mirror) when set, else huggingface.co."""
+    try:
+        from huggingface_hub import constants
+        return constants.ENDPOINT or HF_HOST
+    except ImportError:
+        return HF_HOST
+
+
 def require_hf_repo(repo_id: str, what: str) -> None:
     """Before a download from the Hugging Face hub: nothing when the repository is cached, else require_host."""
     if not hf_cached(repo_id):
-        require_host(HF_HOST, what if repo_id in what else f"{what} (hub repository {repo_id})")
+        require_host(hf_endpoint(), what if repo_id in what else f"{what} (hub repository {repo_id})")
 
 
 def url_file_name(url: str) -> str:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..registry import Registry
-from .hub import HF_HOST, download_errors, require_hf_repo, require_host, require_url
+from .hub import download_errors, hf_endpoint, require_hf_repo, require_host, require_url
 from .weights import find_offline_weights, load_weights
 from .wrapper import IMAGENET_MEAN, IMAGENET_STD, ImageModel
 
@@ -222,7 +222,7 @@ def require_smp_weights(encoder: str) -> None:
     elif settings.get("url"):
         require_url(settings["url"], what)
     elif settings:
-        require_host(HF_HOST, what)
+        require_host(hf_endpoint(), what)
 
 
 def create_model(spec: str, pretrained: bool = True, weights=None, **kwargs) -> ImageModel:
