@@ -29,9 +29,11 @@ def test_adding_a_field_with_its_default_leaves_existing_ids_unchanged(monkeypat
     old = dataclasses.asdict(tent())
     assert config_id(config, ("adapter", "adapter:tent")) != config_id(old, ("adapter", "adapter:tent"))  # unlisted
 
-    monkeypatch.setitem(ADDED_FIELDS, "adapter:tent", {"warmup_steps": 0})
-    monkeypatch.setitem(ADDED_FIELDS, "adapter", {"grad_clip": None})        # a field of every method's config
-    monkeypatch.setitem(ADDED_FIELDS, "data", {"jitter": 0.0})               # and one of every data kind
+    # (added to the entries already listed, which the quick suite's ids rely on too)
+    for scope, added in (("adapter:tent", {"warmup_steps": 0}),
+                         ("adapter", {"grad_clip": None}),     # a field of every method's config
+                         ("data", {"jitter": 0.0})):           # and one of every data kind
+        monkeypatch.setitem(ADDED_FIELDS, scope, {**ADDED_FIELDS.get(scope, {}), **added})
     assert config_id(config, ("adapter", "adapter:tent")) == config_id(old, ("adapter", "adapter:tent"))
     # every job of the quick suite, with the new fields at their defaults: the ids of its committed rows
     for job, id_ in zip(jobs, before):

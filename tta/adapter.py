@@ -32,6 +32,7 @@ class AdapterConfig:
     optimizer: str = "sgd"         # sgd | adam | adamw
     lr: Rate = 1e-3
     momentum: Fraction = 0.9       # SGD only
+    nesterov: bool = False         # SGD only: Nesterov momentum (CoTTA's ImageNet code, the TTA zoo's ImageNet runs)
     weight_decay: Rate = 0.0
     betas: Tuple[Beta, Beta] = (0.9, 0.999)  # Adam / AdamW only
     guard: bool = True             # skip non-finite updates; restore the source state on divergence or collapse
@@ -40,6 +41,10 @@ class AdapterConfig:
         check_config(self)  # types and declared ranges (tta.config), before the checks that combine fields
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(unknown_name_message("optimizer", self.optimizer, OPTIMIZERS))
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            # torch refuses it only when the optimizer is built; say so while the config is read
+            raise ValueError(f"nesterov applies to SGD with momentum > 0, got optimizer {self.optimizer!r} with "
+                             f"momentum {self.momentum}; set optimizer: sgd and a momentum, or nesterov: false")
         self.betas = tuple(self.betas)
 
 
@@ -63,7 +68,8 @@ def explosion_limit(source: torch.Tensor) -> float:
 
 def build_optimizer(params: List[nn.Parameter], cfg: AdapterConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                    nesterov=cfg.nesterov)
     elif cfg.optimizer == "adam":
         optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     else:

@@ -18,6 +18,8 @@ from typing import Annotated, Any, Dict, Iterator, Optional, Tuple, Union
 
 from annotated_types import DocInfo, Interval, doc
 
+from .registry import unknown_name_message
+
 # Rates and weights with no natural maximum (learning rates, weight decay, loss weights) stop at LARGE: nothing near
 # it is ever useful, and it keeps every number an optimizer step multiplies by (lr / (1 - betas[0]) for Adam, lr x
 # weight_decay for AdamW) far inside float32's range for any allowed beta, so a step can never overflow there.
@@ -54,6 +56,17 @@ def make_config(config_cls, cfg=None, overrides: Optional[Dict[str, Any]] = None
         raise TypeError(f"unknown config key(s) {unknown} for {config_cls.__qualname__}; "
                         f"valid keys: {', '.join(valid)}")
     return config_cls(**values)
+
+
+def fill_from_preset(config: Any, presets: Dict[str, Dict[str, Any]]) -> None:
+    """Set the fields of `config` left unset (None) to the values of its named `preset`, so that a field given
+    explicitly always wins over the preset. Call it in __post_init__ before the checks: the preset's values are
+    then checked like the user's."""
+    if not isinstance(config.preset, str) or config.preset not in presets:
+        raise ValueError(f"{type(config).__qualname__}: " + unknown_name_message("preset", config.preset, presets))
+    for name, value in presets[config.preset].items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
 
 
 def check_config(config: Any) -> None:

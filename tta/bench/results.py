@@ -34,7 +34,10 @@ ROW_FIELDS = KEY_FIELDS + ("metrics",)
 #     "adapter:tent": {"warmup_steps": 0},
 # Ids hash values, not defaults: a field whose *default* changes later must keep its entry's old value, so that the
 # rows made with the old default are told apart from those with the new one.
-ADDED_FIELDS: Dict[str, Dict[str, Any]] = {}
+ADDED_FIELDS: Dict[str, Dict[str, Any]] = {
+    "adapter": {"nesterov": False},
+    "adapter:eata": {"preset": "tta", "fisher_data": None, "fisher_size": 2000, "keep_average_on_reset": False},
+}
 
 
 def _canonical(value: Any) -> str:

@@ -282,7 +282,10 @@ class Runner:
 
     def _adapter(self, job: Job, model: torch.nn.Module):
         from ..adapter import create_adapter
-        return create_adapter(job.method.name, model.to(self.device), **job.config)
+        from .source_data import prepare_adapter  # clean images a method asks for first (EATA's Fisher)
+        adapter = create_adapter(job.method.name, model.to(self.device), **job.config)
+        return prepare_adapter(adapter, self.spec.data, job.batch_size, job.seed, self.device, self.download,
+                               self.on_error, self.num_workers, job.method.label)
 
     def _meter(self, domain: Domain, task: str, model_classes: Optional[int]):
         n = len(domain.class_names) if domain.class_names else model_classes

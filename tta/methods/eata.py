@@ -6,31 +6,71 @@ Builds on TENT (entropy minimisation of normalisation affine parameters) and add
   predictions are skipped;
 - re-weighting of the kept samples by 1 / exp(entropy - e_margin);
 - an anti-forgetting Fisher regulariser alpha * sum F (theta - theta_0)^2, with F estimated on clean samples
-  (`compute_fisher`). Without Fisher data the method is the paper's ETA variant.
+  (`compute_fisher`, the mean over batches of the squared gradients of the cross-entropy to the model's own
+  predictions, as the authors' main.py). Without Fisher data the method is the paper's ETA variant.
+
+`fisher_data` names the clean images: "clean" (the benchmark's uncorrupted split) or a folder; `tta bench` computes
+the Fisher information on `fisher_size` of them (2,000 in the paper) in batches of the benchmark's batch size before
+the first test batch. Through the Python API, call `compute_fisher(batches)` yourself; an adapter whose config names
+fisher_data refuses to adapt before that, so that it never runs as ETA while its config says EATA.
+
+Presets (`preset`; a field given explicitly wins):
+- "tta" (the default): the ImageNet hyperparameters of the authors' main.py (SGD lr 2.5e-4, momentum 0.9,
+  d_margin 0.05, alpha 2000); reset() also clears the moving average of predictions.
+- "official": the same, and reset() keeps the moving average as the authors' EATA.reset() does (it restores the
+  weights and the optimizer only), which changes reset_per_shift runs after the first shift.
+- "zoo-cifar10": the TTA zoo's CIFAR-10-C setting (mariodoebler/test-time-adaptation cfgs/cifar10_c/eata.yaml):
+  Adam lr 1e-3, d_margin 0.4, alpha 1, 2,000 source images.
+- "zoo-imagenet": the zoo's ImageNet-C setting (cfgs/imagenet_c/eata.yaml): the official hyperparameters with the
+  zoo's default Nesterov momentum.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Annotated, Any, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Interval, doc
 
 from ..adapter import Adapter, AdapterConfig, register_adapter
-from ..config import Fraction, NonNegative, Rate
+from ..config import Fraction, NonNegative, Rate, fill_from_preset
 from ..losses import require_class_scores, softmax_entropy
 from ..params import enable_norm_affine, use_batch_statistics
+
+_IMAGENET = {"optimizer": "sgd", "lr": 2.5e-4, "momentum": 0.9, "nesterov": False, "d_margin": 0.05,
+             "fisher_alpha": 2000.0}
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "tta": {**_IMAGENET, "keep_average_on_reset": False},
+    "official": {**_IMAGENET, "keep_average_on_reset": True},                 # mr-eggplant/EATA main.py, eata.py
+    "zoo-cifar10": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "nesterov": False, "d_margin": 0.4,
+                    "fisher_alpha": 1.0, "keep_average_on_reset": False},   # zoo cfgs/cifar10_c/eata.yaml
+    "zoo-imagenet": {**_IMAGENET, "nesterov": True, "keep_average_on_reset": False},  # zoo cfgs/imagenet_c
+}
 
 
 @dataclass
 class EATAConfig(AdapterConfig):
-    optimizer: str = "sgd"
-    lr: Rate = 2.5e-4
-    momentum: Fraction = 0.9
-    e_margin_scale: Fraction = 0.4  # e_margin = e_margin_scale * ln(K); entropies never exceed ln(K)
-    d_margin: Fraction = 0.05       # cosine-similarity threshold for redundant samples
-    fisher_alpha: NonNegative = 2000.0  # weight of the Fisher regulariser
+    preset: str = "tta"                # tta | official | zoo-cifar10 | zoo-imagenet
+    optimizer: Optional[str] = None    # None: the preset's (sgd; adam for zoo-cifar10)
+    lr: Optional[Rate] = None          # None: the preset's (2.5e-4; 1e-3 for zoo-cifar10)
+    momentum: Optional[Fraction] = None
+    nesterov: Optional[bool] = None
+    e_margin_scale: Fraction = 0.4     # e_margin = e_margin_scale * ln(K); entropies never exceed ln(K)
+    d_margin: Optional[Fraction] = None         # cosine-similarity threshold for redundant samples (0.05; 0.4 zoo)
+    fisher_alpha: Optional[NonNegative] = None  # weight of the Fisher regulariser (2000; 1 for zoo-cifar10)
+    # clean images for the Fisher information: "clean" (the benchmark's uncorrupted split) or a folder; None: ETA
+    fisher_data: Optional[str] = None
+    fisher_size: Annotated[int, Interval(ge=1, le=10_000_000), doc("clean images for the Fisher")] = 2000
+    keep_average_on_reset: Optional[bool] = None  # reset() keeps the moving average of predictions (official)
+
+    def __post_init__(self):
+        fill_from_preset(self, PRESETS)
+        super().__post_init__()
+        if self.fisher_data is not None and not self.fisher_data.strip():
+            raise ValueError("eata: fisher_data is empty; give \"clean\" (the benchmark's uncorrupted images) or a "
+                             "folder of clean images, or leave it out to run ETA (no Fisher regulariser)")
 
 
 @register_adapter("eata")
@@ -46,9 +86,15 @@ class EATA(Adapter):
         self.reset_extra_state()
 
     def reset_extra_state(self):
-        self.average_probs: Optional[torch.Tensor] = None
+        if not (self.cfg.keep_average_on_reset and hasattr(self, "average_probs")):
+            self.average_probs: Optional[torch.Tensor] = None
         self.num_reliable = 0
         self.num_updated = 0
+
+    @property
+    def variant(self) -> str:
+        """"eata", or "eta" while no Fisher information is loaded (the paper's variant without the regulariser)."""
+        return "eata" if self.fisher else "eta"
 
     def compute_fisher(self, batches: Iterable[torch.Tensor]) -> None:
         """Diagonal Fisher of the adapted parameters on clean images, with the model's own predictions as labels."""
@@ -69,6 +115,10 @@ class EATA(Adapter):
         self.fisher = {n: (fisher[n] / count, params[n].detach().clone()) for n in params}
 
     def forward_and_adapt(self, x):
+        if self.cfg.fisher_data is not None and not self.fisher:
+            raise ValueError(f"eata: fisher_data is {self.cfg.fisher_data!r}, but no Fisher information was computed; "
+                             "call adapter.compute_fisher(batches of clean images) before adapting (tta bench does "
+                             "it), or leave fisher_data out to run ETA")
         outputs = self.model(x)
         require_class_scores(outputs, self.name)
         e_margin = self.cfg.e_margin_scale * math.log(outputs.shape[1])

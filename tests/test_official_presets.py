@@ -1,0 +1,284 @@
+"""The baselines' `official` presets against independent transcriptions of the authors' code (mr-eggplant/EATA,
+mr-eggplant/SAR, qinenergy/cotta, zhangmarvin/memo) on a tiny batch-norm network, edge paths included: EATA's Fisher
+regulariser and reset, ... Each reference below follows its repository's functions line by line (names kept), with
+only .cuda() calls dropped; the adapter under test is built from its preset alone."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tta
+from tta.adapter import ADAPTERS
+from tta.bench.datasets import BuildContext, DataConfig
+from tta.bench.source_data import clean_images, fisher_batches, prepare_adapter
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def bn_net(num_classes=5, seed=0, sharpness=8.0):
+    """Conv-BN-ReLU x2, pooling, a linear head: the layer types the official code adapts (BatchNorm2d only)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, num_classes))
+    with torch.no_grad():  # confident enough that the entropy filters keep some samples
+        net[-1].weight.mul_(sharpness)
+    return tta.wrap_model(net, class_names=[f"c{i}" for i in range(num_classes)], input_size=(3, 12, 12))
+
+
+def batches(n, size=8, seed=1):
+    """Images of distinct mean colours, so that the tiny network's predictions differ between them."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(size, 3, 1, 1, generator=g) + 0.3 * torch.rand(size, 3, 12, 12, generator=g)).clamp(0, 1)
+            for _ in range(n)]
+
+
+def assert_same_params(model, ref):
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), ref_params[name].detach(), **TOL)
+
+
+def moved(model, seed=0):
+    source = dict(bn_net(seed=seed).named_parameters())
+    return sum(not torch.equal(p.detach(), source[n].detach()) for n, p in model.named_parameters())
+
+
+# ---- EATA: mr-eggplant/EATA eata.py and main.py ----------------------------------------------------------------
+def eata_configure_model(model):
+    model.train()
+    model.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.requires_grad_(True)
+            m.track_running_stats = False
+            m.running_mean = None
+            m.running_var = None
+    return model
+
+
+def eata_collect_params(model):
+    params, names = [], []
+    for nm, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            for np_, p in m.named_parameters():
+                if np_ in ["weight", "bias"]:
+                    params.append(p)
+                    names.append(f"{nm}.{np_}")
+    return params, names
+
+
+def eata_fishers(subnet, params, fisher_loader):
+    """main.py, `elif args.algorithm == 'eata'`."""
+    ewc_optimizer = torch.optim.SGD(params, 0.001)
+    fishers = {}
+    train_loss_fn = nn.CrossEntropyLoss()
+    for iter_, images in enumerate(fisher_loader, start=1):
+        outputs = subnet(images)
+        _, targets = outputs.max(1)
+        loss = train_loss_fn(outputs, targets)
+        loss.backward()
+        for name, param in subnet.named_parameters():
+            if param.grad is not None:
+                if iter_ > 1:
+                    fisher = param.grad.data.clone().detach() ** 2 + fishers[name][0]
+                else:
+                    fisher = param.grad.data.clone().detach() ** 2
+                if iter_ == len(fisher_loader):
+                    fisher = fisher / iter_
+                fishers.update({name: [fisher, param.data.clone().detach()]})
+        ewc_optimizer.zero_grad()
+    return fishers
+
+
+def eata_update_model_probs(current_model_probs, new_probs):
+    if current_model_probs is None:
+        if new_probs.size(0) == 0:
+            return None
+        with torch.no_grad():
+            return new_probs.mean(0)
+    if new_probs.size(0) == 0:
+        with torch.no_grad():
+            return current_model_probs
+    with torch.no_grad():
+        return 0.9 * current_model_probs + (1 - 0.9) * new_probs.mean(0)
+
+
+@torch.enable_grad()
+def forward_and_adapt_eata(x, model, optimizer, fishers, e_margin, current_model_probs, fisher_alpha, d_margin):
+    outputs = model(x)
+    entropys = -(outputs.softmax(1) * outputs.log_softmax(1)).sum(1)
+    filter_ids_1 = torch.where(entropys < e_margin)
+    ids1 = filter_ids_1
+    ids2 = torch.where(ids1[0] > -0.1)
+    entropys = entropys[filter_ids_1]
+    if current_model_probs is not None:
+        cosine_similarities = F.cosine_similarity(current_model_probs.unsqueeze(dim=0),
+                                                  outputs[filter_ids_1].softmax(1), dim=1)
+        filter_ids_2 = torch.where(torch.abs(cosine_similarities) < d_margin)
+        entropys = entropys[filter_ids_2]
+        ids2 = filter_ids_2
+        updated_probs = eata_update_model_probs(current_model_probs, outputs[filter_ids_1][filter_ids_2].softmax(1))
+    else:
+        updated_probs = eata_update_model_probs(current_model_probs, outputs[filter_ids_1].softmax(1))
+    coeff = 1 / (torch.exp(entropys.clone().detach() - e_margin))
+    entropys = entropys.mul(coeff)
+    loss = entropys.mean(0)
+    if fishers is not None:
+        ewc_loss = 0
+        for name, param in model.named_parameters():
+            if name in fishers:
+                ewc_loss += fisher_alpha * (fishers[name][0] * (param - fishers[name][1]) ** 2).sum()
+        loss += ewc_loss
+    if x[ids1][ids2].size(0) != 0:
+        loss.backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    return outputs, updated_probs
+
+
+class OfficialEATA:
+    """eata.EATA: reset() reloads the model and optimizer and keeps current_model_probs."""
+
+    def __init__(self, model, lr, fisher_loader, fisher_alpha, e_margin, d_margin):
+        self.model = eata_configure_model(model)
+        params, _ = eata_collect_params(self.model)
+        self.fishers = eata_fishers(self.model, params, fisher_loader) if fisher_loader is not None else None
+        self.optimizer = torch.optim.SGD(params, lr, momentum=0.9)
+        self.fisher_alpha, self.e_margin, self.d_margin = fisher_alpha, e_margin, d_margin
+        self.current_model_probs = None
+        self.model_state = copy.deepcopy(self.model.state_dict())
+        self.optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+
+    def __call__(self, x):
+        outputs, self.current_model_probs = forward_and_adapt_eata(
+            x, self.model, self.optimizer, self.fishers, self.e_margin, self.current_model_probs, self.fisher_alpha,
+            self.d_margin)
+        return outputs
+
+    def reset(self):
+        self.model.load_state_dict(self.model_state, strict=True)
+        self.optimizer.load_state_dict(self.optimizer_state)
+
+
+@pytest.mark.parametrize("with_fisher", [True, False])
+def test_eata_official_preset_matches_the_authors_code(with_fisher):
+    """EATA with the Fisher regulariser (and ETA without), a reset in the middle of the stream that keeps the moving
+    average of predictions, redundant samples filtered after the first batch."""
+    clean, stream = batches(3, seed=7), batches(6, seed=1)
+    lr, d_margin, alpha = 0.05, 0.99, 50.0   # large enough that every path (filtering, penalty) moves weights
+    model, ref_model = bn_net(), bn_net()
+    config = {"preset": "official", "lr": lr, "d_margin": d_margin, "fisher_alpha": alpha}
+    adapter = tta.create_adapter("eata", model, fisher_data="clean" if with_fisher else None, **config)
+    assert (adapter.cfg.optimizer, adapter.cfg.momentum, adapter.cfg.keep_average_on_reset) == ("sgd", 0.9, True)
+    if with_fisher:
+        adapter.compute_fisher(clean)
+    ref = OfficialEATA(ref_model, lr, clean if with_fisher else None, alpha, 0.4 * math.log(5), d_margin)
+    assert adapter.variant == ("eata" if with_fisher else "eta")
+    reliable = updated = 0
+    for i, x in enumerate(stream):
+        if i == 3:
+            reliable, updated = adapter.num_reliable, adapter.num_updated
+            adapter.reset()
+            ref.reset()
+            torch.testing.assert_close(adapter.average_probs, ref.current_model_probs, **TOL)  # kept by both
+        torch.testing.assert_close(adapter(x), ref(x), **TOL)
+    assert_same_params(model, ref_model)
+    reliable, updated = reliable + adapter.num_reliable, updated + adapter.num_updated
+    assert 0 < updated < reliable and moved(model) > 0  # both filters dropped samples, and weights moved
+    if with_fisher:
+        for name, (f, theta0) in adapter.fisher.items():
+            torch.testing.assert_close(f, ref.fishers[name][0], **TOL)
+            torch.testing.assert_close(theta0, ref.fishers[name][1], **TOL)
+
+
+def test_eata_presets():
+    cfg = ADAPTERS.get("eata").Config
+    assert (cfg().preset, cfg().lr, cfg().keep_average_on_reset) == ("tta", 2.5e-4, False)  # today's behaviour
+    zoo = cfg(preset="zoo-cifar10")
+    assert (zoo.optimizer, zoo.lr, zoo.d_margin, zoo.fisher_alpha, zoo.fisher_size) == ("adam", 1e-3, 0.4, 1.0, 2000)
+    assert cfg(preset="zoo-imagenet").nesterov is True
+    assert cfg(preset="zoo-cifar10", lr=5e-4).lr == 5e-4  # a field given explicitly wins
+    with pytest.raises(ValueError, match="Valid choices"):
+        cfg(preset="offical")
+    with pytest.raises(ValueError, match="nesterov applies to SGD"):
+        cfg(preset="zoo-cifar10", nesterov=True)
+    # The default clears the moving average on reset, as the zoo; official keeps it.
+    adapter = tta.create_adapter("eata", bn_net(), d_margin=0.99)
+    adapter(batches(1)[0])
+    assert adapter.average_probs is not None
+    adapter.reset()
+    assert adapter.average_probs is None
+
+
+def test_eata_refuses_to_adapt_without_the_fisher_its_config_names():
+    adapter = tta.create_adapter("eata", bn_net(), fisher_data="clean")
+    with pytest.raises(ValueError, match="compute_fisher"):
+        adapter(batches(1)[0])
+    assert adapter.variant == "eta" and moved(adapter.model) == 0
+
+
+# ---- EATA's Fisher in the harness ------------------------------------------------------------------------------
+def fmnist_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 10))
+    return tta.wrap_model(net, mean=[0.5], std=[0.5], class_names=[str(i) for i in range(10)], input_size=(1, 28, 28))
+
+
+def test_fisher_data_clean_is_the_benchmarks_clean_split():
+    data = DataConfig(kind="fashion-mnist", corruptions=["gaussian_noise"], per_class=2)
+    adapter = tta.create_adapter("eata", fmnist_net(), fisher_data="clean", fisher_size=24)
+    prepare_adapter(adapter, data, batch_size=8, seed=0, device="cpu")
+    assert adapter.variant == "eata" and set(adapter.fisher) == set(adapter.adapted_names)
+    # the same as computing it by hand on 24 seeded clean images in batches of the benchmark's batch size
+    images = clean_images("clean", data, BuildContext((1, 28, 28), [str(i) for i in range(10)]))
+    assert len(images) > 24  # the whole clean split, not the per-class subsample the test stream uses
+    by_hand = tta.create_adapter("eata", fmnist_net(), fisher_data="clean", fisher_size=24)
+    by_hand.compute_fisher(list(fisher_batches(images, 24, 8, seed=0)))
+    for name, (f, _) in adapter.fisher.items():
+        torch.testing.assert_close(f, by_hand.fisher[name][0])
+    assert sum(x.shape[0] for x in fisher_batches(images, 24, 8, seed=0)) == 24
+
+
+def test_fisher_data_from_a_folder_and_refusals(tmp_path):
+    import numpy as np
+    from PIL import Image
+    for c in range(2):
+        (tmp_path / str(c)).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((28, 28), 40 * i + c, dtype=np.uint8)).save(tmp_path / str(c) / f"{i}.png")
+    adapter = tta.create_adapter("eata", fmnist_net(), fisher_data=str(tmp_path))
+    prepare_adapter(adapter, DataConfig(kind="fashion-mnist"), batch_size=4, seed=0, device="cpu")
+    assert adapter.variant == "eata"
+    with pytest.raises(ValueError, match="has none; give fisher_data a folder"):
+        prepare_adapter(tta.create_adapter("eata", fmnist_net(), fisher_data="clean"),
+                        DataConfig(kind="imagenet-c", root=str(tmp_path)), batch_size=4, seed=0, device="cpu")
+    with pytest.raises(ValueError, match="is not a folder"):
+        prepare_adapter(tta.create_adapter("eata", fmnist_net(), fisher_data=str(tmp_path / "missing")),
+                        DataConfig(kind="fashion-mnist"), batch_size=4, seed=0, device="cpu")
+    eta = prepare_adapter(tta.create_adapter("eata", fmnist_net()), DataConfig(kind="fashion-mnist"), 4, 0, "cpu")
+    assert eta.variant == "eta"
+
+
+def test_bench_runs_eata_with_its_fisher(tmp_path, monkeypatch):
+    from tta.bench.results import read_rows
+    from tta.bench.runner import run_benchmark
+    from tta.bench.spec import parse_spec
+    computed = []
+    original = ADAPTERS.get("eata").compute_fisher
+    monkeypatch.setattr(ADAPTERS.get("eata"), "compute_fisher",
+                        lambda self, b: computed.append(1) or original(self, b))
+    values = {"name": "t", "model": {"name": "zoo:fmnist-cnn"}, "batch_size": 16,
+              "data": {"kind": "fashion-mnist", "corruptions": ["gaussian_noise"], "per_class": 2},
+              "methods": [{"name": "eata", "config": {"fisher_data": "clean", "fisher_size": 32}},
+                          {"name": "eata", "label": "eta"}]}
+    run_benchmark(parse_spec(values), tmp_path / "r.jsonl", progress=False, device="cpu")
+    rows = {r["method"]: r for r in read_rows(tmp_path / "r.jsonl")}
+    assert computed == [1]  # for the eata run only
+    assert rows["eata"]["config"]["fisher_data"] == "clean" and rows["eta"]["config"]["fisher_data"] is None
+    assert rows["eata"]["config_id"] != rows["eta"]["config_id"]
