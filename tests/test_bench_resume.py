@@ -74,6 +74,7 @@ def test_a_second_run_on_the_same_results_file_is_refused_and_writes_nothing(tin
     assert not (tmp_path / "r.jsonl.lock").exists()  # released and removed at the end of the run
 
 
+@pytest.mark.slow  # two `tta bench` processes
 def test_two_runs_started_at_once_never_write_a_row_twice(tiny_weights, tmp_path):
     import os
     import subprocess

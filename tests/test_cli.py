@@ -3,6 +3,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tta.cli import main
@@ -62,6 +63,7 @@ def test_run_reports_bad_input_clearly(tmp_path, capsys):
     assert "--on-error skip" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "tta", "list", "adapters"], capture_output=True, text=True)
     assert result.returncode == 0 and "tent" in result.stdout

@@ -139,6 +139,7 @@ def test_a_bad_result_line_names_the_file_and_line(tmp_path, capsys, good_rows, 
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file size limits")
+@pytest.mark.slow  # `tta bench` in a fresh interpreter
 def test_a_full_disk_keeps_the_rows_written_and_says_how_to_resume(tmp_path, good_rows):
     """The run gets EFBIG from the kernel (a file size limit, as a full disk gives ENOSPC) on its second row."""
     first, second = good_rows.splitlines()

@@ -199,7 +199,7 @@ def test_corruption_cache_writes_imagenet_c_layout_and_rereads(tmp_path):
         CorruptedDataset(base, "fog", 3, seed=1, cache_dir=tmp_path, source="foolbox:cifar10", input_size=(3, 32, 32))
 
 
-@pytest.mark.parametrize("name", ["impulse_noise", "glass_blur"])
+@pytest.mark.parametrize("name", ["impulse_noise", pytest.param("glass_blur", marks=pytest.mark.slow)])  # 3-5 s
 def test_corruptions_drawn_outside_numpys_global_generator_are_seeded(name):
     """imagecorruptions draws these two from a generator of their own: corrupt_images must seed it per image."""
     from tta.data.corruptions import corrupt_images

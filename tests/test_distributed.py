@@ -51,6 +51,7 @@ def by_key(rows):
     return {row_key(r): r for r in rows}
 
 
+@pytest.mark.slow  # three torchrun launches of two processes
 def test_torchrun_matches_single_process(tmp_path):
     spec = write_spec(tmp_path)
     single, multi = tmp_path / "single.jsonl", tmp_path / "multi.jsonl"

@@ -79,6 +79,7 @@ def assert_same_metrics(a, b):
                 assert ma[name] == mb[name], (key, name)
 
 
+@pytest.mark.slow  # a run killed and resumed several times, each in a fresh interpreter
 def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_rows(tmp_path):
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(SPEC))

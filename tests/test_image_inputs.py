@@ -74,6 +74,7 @@ def test_an_int32_tiff_is_refused_by_name_and_skippable(tmp_path):
 
 # ---- names that are not UTF-8 -----------------------------------------------------------------------------------
 @pytest.mark.skipif(sys.platform != "linux", reason="file names of arbitrary bytes are a Linux (POSIX) matter")
+@pytest.mark.slow  # `tta run` in a fresh interpreter
 def test_skipped_files_with_non_utf8_names_are_listed_escaped_on_a_strict_stdout(tmp_path):
     root = _grey_folder(tmp_path / "data")
     with open(os.fsencode(root / "1") + b"/broken-\xff\xfe.png", "wb") as f:

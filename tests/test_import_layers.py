@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "tta"
 # Lower layers and the upper layers they must not import at module level.
@@ -181,6 +183,7 @@ def test_the_graph_sees_imports():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_zoo_judges_resolve_with_only_the_generative_package_imported():
     """The zoo registers its `zoo:` judges into tta.generative, which imports the zoo on the first named lookup."""
     code = ("import sys, tta.generative as g; b = g.create_backend('zoo:fmnist-judge'); "

@@ -89,6 +89,7 @@ def test_check_images_accepts_valid_images():
     check_images(torch.zeros(1, 1, 8, 8), 1)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_import_tta_needs_only_torch():
     import subprocess
     import sys

