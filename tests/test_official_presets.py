@@ -282,3 +282,181 @@ def test_bench_runs_eata_with_its_fisher(tmp_path, monkeypatch):
     assert computed == [1]  # for the eata run only
     assert rows["eata"]["config"]["fisher_data"] == "clean" and rows["eta"]["config"]["fisher_data"] is None
     assert rows["eata"]["config_id"] != rows["eta"]["config_id"]
+
+
+# ---- CoTTA: qinenergy/cotta cifar/cotta.py, imagenet/cotta.py, my_transforms.py ----------------------------------
+class ColorJitterPro(__import__("torchvision").transforms.ColorJitter):
+    """my_transforms.ColorJitterPro (forward only)."""
+
+    def __init__(self, brightness=0, contrast=0, saturation=0, hue=0, gamma=0):
+        super().__init__(brightness, contrast, saturation, hue)
+        self.gamma = self._check_input(gamma, "gamma")
+
+    def forward(self, img):
+        import torchvision.transforms.functional as TF
+        fn_idx = torch.randperm(5)
+        for fn_id in fn_idx:
+            if fn_id == 0 and self.brightness is not None:
+                img = TF.adjust_brightness(img, torch.tensor(1.0).uniform_(*self.brightness).item())
+            if fn_id == 1 and self.contrast is not None:
+                img = TF.adjust_contrast(img, torch.tensor(1.0).uniform_(*self.contrast).item())
+            if fn_id == 2 and self.saturation is not None:
+                img = TF.adjust_saturation(img, torch.tensor(1.0).uniform_(*self.saturation).item())
+            if fn_id == 3 and self.hue is not None:
+                img = TF.adjust_hue(img, torch.tensor(1.0).uniform_(*self.hue).item())
+            if fn_id == 4 and self.gamma is not None:
+                gamma_factor = torch.tensor(1.0).uniform_(*self.gamma).item()
+                img = img.clamp(1e-8, 1.0)
+                img = TF.adjust_gamma(img, gamma_factor)
+        return img
+
+
+def get_tta_transforms(n_pixels, gaussian_std=0.005):
+    """get_tta_transforms(soft=False); torchvision's resample=BILINEAR, fillcolor=None is today's interpolation=
+    BILINEAR with the default fill; my_transforms.Clip and GaussianNoise written inline."""
+    import torchvision.transforms as T
+    return T.Compose([
+        T.Lambda(lambda img: torch.clip(img, 0.0, 1.0)),
+        ColorJitterPro(brightness=[0.6, 1.4], contrast=[0.7, 1.3], saturation=[0.5, 1.5], hue=[-0.06, 0.06],
+                       gamma=[0.7, 1.3]),
+        T.Pad(padding=int(n_pixels / 2), padding_mode="edge"),
+        T.RandomAffine(degrees=[-15, 15], translate=(1 / 16, 1 / 16), scale=(0.9, 1.1), shear=None,
+                       interpolation=T.InterpolationMode.BILINEAR),
+        T.GaussianBlur(kernel_size=5, sigma=[0.001, 0.5]),
+        T.CenterCrop(size=n_pixels),
+        T.RandomHorizontalFlip(p=0.5),
+        T.Lambda(lambda img: img + (torch.randn(img.size()) * gaussian_std + 0.0).to(img.device)),
+        T.Lambda(lambda img: torch.clip(img, 0.0, 1.0)),
+    ])
+
+
+def cotta_configure_model(model):
+    model.train()
+    model.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.requires_grad_(True)
+            m.track_running_stats = False
+            m.running_mean = None
+            m.running_var = None
+        else:
+            m.requires_grad_(True)
+    return model
+
+
+def cotta_collect_params(model):
+    params, names = [], []
+    for nm, m in model.named_modules():
+        for np_, p in m.named_parameters():
+            if np_ in ["weight", "bias"] and p.requires_grad:
+                params.append(p)
+                names.append(f"{nm}.{np_}")
+    return params, names
+
+
+class OfficialCoTTA:
+    """cotta.CoTTA; `imagenet` picks imagenet/cotta.py (symmetric loss, views only when the anchor is unsure, fixed
+    restore 0.001 and teacher momentum 0.999) over cifar/cotta.py (cross-entropy, 32 views computed always)."""
+
+    def __init__(self, model, optimizer, imagenet, n_views, ap, rst, mt=0.999):
+        self.model, self.optimizer, self.imagenet, self.N, self.ap, self.rst, self.mt = \
+            model, optimizer, imagenet, n_views, ap, rst, mt
+        self.model_state = copy.deepcopy(model.state_dict())
+        self.model_anchor = copy.deepcopy(model)
+        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+        self.model_ema = copy.deepcopy(model)
+        for param in self.model_ema.parameters():
+            param.detach_()
+        self.transform = get_tta_transforms(12)
+
+    @staticmethod
+    def softmax_entropy(x, x_ema, imagenet):
+        if imagenet:
+            return (-0.5 * (x_ema.softmax(1) * x.log_softmax(1)).sum(1)
+                    - 0.5 * (x.softmax(1) * x_ema.log_softmax(1)).sum(1))
+        return -(x_ema.softmax(1) * x.log_softmax(1)).sum(1)
+
+    @torch.enable_grad()
+    def __call__(self, x):
+        outputs = self.model(x)
+        anchor_prob = torch.nn.functional.softmax(self.model_anchor(x), dim=1).max(1)[0]
+        standard_ema = self.model_ema(x)
+        outputs_emas = []
+        to_aug = anchor_prob.mean(0) < self.ap
+        if to_aug or not self.imagenet:
+            for i in range(self.N):
+                outputs_emas.append(self.model_ema(self.transform(x)).detach())
+        outputs_ema = torch.stack(outputs_emas).mean(0) if to_aug else standard_ema
+        loss = self.softmax_entropy(outputs, outputs_ema.detach() if self.imagenet else outputs_ema,
+                                    self.imagenet).mean(0)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        for ema_param, param in zip(self.model_ema.parameters(), self.model.parameters()):
+            ema_param.data[:] = self.mt * ema_param[:].data[:] + (1 - self.mt) * param[:].data[:]
+        for nm, m in self.model.named_modules():
+            for npp, p in m.named_parameters():
+                if npp in ["weight", "bias"] and p.requires_grad:
+                    mask = (torch.rand(p.shape) < self.rst).float()
+                    with torch.no_grad():
+                        p.data = self.model_state[f"{nm}.{npp}"] * mask + p * (1. - mask)
+        return outputs_ema
+
+
+class WithToken(nn.Module):
+    """bn_net plus a parameter that is neither a weight nor a bias (as a ViT class token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = bn_net().net
+        self.offset = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x):
+        return self.body(x + self.offset)
+
+
+@pytest.mark.parametrize("preset, anchor_unsure", [("official-imagenet", True), ("official-imagenet", False),
+                                                   ("official-cifar10", True)])
+def test_cotta_official_presets_match_the_authors_code(preset, anchor_unsure):
+    imagenet = preset == "official-imagenet"
+    ap = 1.0 if anchor_unsure else 0.1     # 5 classes: the anchor's mean top probability is never below 0.1
+    rst = 0.2                                # instead of 0.001 / 0.01, so that restores happen in 4 batches
+    stream = batches(4, seed=2)
+
+    def net():
+        torch.manual_seed(0)
+        return tta.wrap_model(WithToken(), class_names=[f"c{i}" for i in range(5)], input_size=(3, 12, 12))
+    model, ref_model = net(), cotta_configure_model(net())
+    adapter = tta.create_adapter("cotta", model, preset=preset, n_augmentations=3, confidence_threshold=ap,
+                                 restore_prob=rst)
+    assert "net.offset" not in adapter.adapted_names and "net.body.1.weight" in adapter.adapted_names
+    params, _ = cotta_collect_params(ref_model)
+    if imagenet:
+        assert (adapter.cfg.optimizer, adapter.cfg.lr, adapter.cfg.nesterov, adapter.cfg.loss) == ("sgd", 0.01, True,
+                                                                                                    "sce")
+        ref_opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, dampening=0, weight_decay=0.0, nesterov=True)
+    else:
+        assert (adapter.cfg.optimizer, adapter.cfg.lr, adapter.cfg.loss) == ("adam", 1e-3, "ce")
+        ref_opt = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    ref = OfficialCoTTA(ref_model, ref_opt, imagenet, 3, ap, rst)
+    for i, x in enumerate(stream):
+        torch.manual_seed(100 + i)
+        expected = ref(x)
+        torch.manual_seed(100 + i)
+        torch.testing.assert_close(adapter(x), expected, **TOL)
+    assert_same_params(model, ref_model)
+    assert_same_params(adapter.teacher, ref.model_ema)
+    assert torch.equal(model.net.offset, torch.zeros(1, 3, 1, 1))  # neither a weight nor a bias: fixed
+
+
+def test_cotta_presets_and_default():
+    cfg = ADAPTERS.get("cotta").Config
+    default = cfg()
+    assert (default.preset, default.loss, default.adapt, default.augment, default.optimizer) == \
+        ("tta", "ce", "all", "tta", "adam")
+    imagenet = cfg(preset="official-imagenet")
+    assert (imagenet.restore_prob, imagenet.confidence_threshold, imagenet.momentum) == (0.001, 0.1, 0.9)
+    with pytest.raises(ValueError, match="Valid choices"):
+        cfg(loss="symmetric")
+    views = tta.augment.cotta_augment_official(batches(1)[0])
+    assert views.shape == (8, 3, 12, 12) and 0 <= float(views.min()) and float(views.max()) <= 1

@@ -19,6 +19,12 @@ def cross_entropy_soft(logits: torch.Tensor, target_logits: torch.Tensor) -> tor
     return -(target_logits.softmax(1) * logits.log_softmax(1)).sum(1)
 
 
+def symmetric_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """The mean of the cross-entropies both ways between softmax(logits) and softmax(target_logits) (CoTTA's ImageNet
+    teacher-student loss); target_logits should come detached, so that only `logits` learns."""
+    return 0.5 * cross_entropy_soft(logits, target_logits) + 0.5 * cross_entropy_soft(target_logits, logits)
+
+
 def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the average prediction over the batch (MEMO): the batch holds augmentations of one input."""
     log_probs = logits.log_softmax(1)

@@ -37,6 +37,7 @@ ROW_FIELDS = KEY_FIELDS + ("metrics",)
 ADDED_FIELDS: Dict[str, Dict[str, Any]] = {
     "adapter": {"nesterov": False},
     "adapter:eata": {"preset": "tta", "fisher_data": None, "fisher_size": 2000, "keep_average_on_reset": False},
+    "adapter:cotta": {"preset": "tta", "loss": "ce", "adapt": "all", "augment": "tta"},
 }
 
 
