@@ -19,9 +19,9 @@ def expected_trainable(name, model, cfg):
         return set()
     if name in ("tent", "eata"):
         return norm_affine
-    if name == "sar":
-        kept = {f"{ln}.{pn}" for ln, layer in norm_layers(model, cfg.exclude) for pn, _ in layer.named_parameters()}
-        return kept
+    if name == "sar":  # exclude names the network's own modules, inside the wrapper
+        return {f"net.{ln}.{pn}" for ln, layer in norm_layers(model.net, cfg.exclude)
+                for pn, _ in layer.named_parameters()}
     if name in ("cotta", "memo"):
         return {n for n, _ in model.named_parameters()}
     pytest.skip(f"{name} declares its trainable set in its own tests")

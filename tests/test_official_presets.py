@@ -460,3 +460,208 @@ def test_cotta_presets_and_default():
         cfg(loss="symmetric")
     views = tta.augment.cotta_augment_official(batches(1)[0])
     assert views.shape == (8, 3, 12, 12) and 0 <= float(views.min()) and float(views.max()) <= 1
+
+
+# ---- SAR: mr-eggplant/SAR sar.py, sam.py ------------------------------------------------------------------------
+class SAM(torch.optim.Optimizer):
+    """sam.py (from davda54/sam), the parts SAR uses."""
+
+    def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **kwargs):
+        defaults = dict(rho=rho, adaptive=adaptive, **kwargs)
+        super(SAM, self).__init__(params, defaults)
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        grad_norm = self._grad_norm()
+        for group in self.param_groups:
+            scale = group["rho"] / (grad_norm + 1e-12)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self.state[p]["old_p"] = p.data.clone()
+                e_w = (torch.pow(p, 2) if group["adaptive"] else 1.0) * p.grad * scale.to(p)
+                p.add_(e_w)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=False):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.data = self.state[p]["old_p"]
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def _grad_norm(self):
+        return torch.norm(torch.stack([((torch.abs(p) if group["adaptive"] else 1.0) * p.grad).norm(p=2)
+                                       for group in self.param_groups for p in group["params"]
+                                       if p.grad is not None]), p=2)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.base_optimizer.param_groups = self.param_groups
+
+
+def sar_configure_model(model):
+    model.train()
+    model.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.requires_grad_(True)
+            m.track_running_stats = False
+            m.running_mean = None
+            m.running_var = None
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+            m.requires_grad_(True)
+    return model
+
+
+def sar_collect_params(model):
+    params, names = [], []
+    for nm, m in model.named_modules():
+        if "layer4" in nm or "blocks.9" in nm or "blocks.10" in nm or "blocks.11" in nm:
+            continue
+        if "norm." in nm:
+            continue
+        if nm in ["norm"]:
+            continue
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+            for np_, p in m.named_parameters():
+                if np_ in ["weight", "bias"]:
+                    params.append(p)
+                    names.append(f"{nm}.{np_}")
+    return params, names
+
+
+@torch.enable_grad()
+def forward_and_adapt_sar(x, model, optimizer, margin, reset_constant, ema):
+    optimizer.zero_grad()
+    outputs = model(x)
+    entropys = -(outputs.softmax(1) * outputs.log_softmax(1)).sum(1)
+    filter_ids_1 = torch.where(entropys < margin)
+    entropys = entropys[filter_ids_1]
+    loss = entropys.mean(0)
+    loss.backward()
+    optimizer.first_step(zero_grad=True)
+    entropys2 = -(lambda o: (o.softmax(1) * o.log_softmax(1)).sum(1))(model(x))
+    entropys2 = entropys2[filter_ids_1]
+    filter_ids_2 = torch.where(entropys2 < margin)
+    loss_second = entropys2[filter_ids_2].mean(0)
+    if not math.isnan(loss_second.item()):
+        ema = loss_second.item() if ema is None else 0.9 * ema + (1 - 0.9) * loss_second.item()
+    loss_second.backward()
+    optimizer.second_step(zero_grad=True)
+    reset_flag = False
+    if ema is not None:
+        if ema < 0.2:
+            reset_flag = True
+    return outputs, ema, reset_flag
+
+
+class OfficialSAR:
+    """sar.SAR: after reset() (model and SAM state; the base SGD's momentum stays) forward() sets ema back."""
+
+    def __init__(self, model, lr, margin_e0):
+        self.model = sar_configure_model(model)
+        params, self.names = sar_collect_params(self.model)
+        self.optimizer = SAM(params, torch.optim.SGD, lr=lr, momentum=0.9)
+        self.margin_e0, self.ema, self.resets = margin_e0, None, 0
+        self.model_state = copy.deepcopy(self.model.state_dict())
+        self.optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+
+    def __call__(self, x):
+        outputs, ema, reset_flag = forward_and_adapt_sar(x, self.model, self.optimizer, self.margin_e0, 0.2, self.ema)
+        if reset_flag:
+            self.reset()
+            self.resets += 1
+        self.ema = ema
+        return outputs
+
+    def reset(self):
+        self.model.load_state_dict(self.model_state, strict=True)
+        self.optimizer.load_state_dict(self.optimizer_state)
+        self.ema = None
+
+
+class SarNet(nn.Module):
+    """Module names that tell the official rules from the default patterns: stage.norm and head.norm adapt in the
+    authors' code (neither contains "norm." nor is named norm), layer4 and the top-level norm do not."""
+
+    def __init__(self, sharpness):
+        super().__init__()
+        self.layer1 = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.stage = nn.Module()
+        self.stage.conv, self.stage.norm = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.layer4 = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Module()
+        self.head.norm, self.head.fc = nn.LayerNorm(6), nn.Linear(6, 5)
+        nn.init.zeros_(self.head.fc.bias)  # identical images then give uniform predictions: no reliable sample
+        self.sharpness = sharpness
+
+    def forward(self, x):
+        x = self.layer4(torch.relu(self.stage.norm(self.stage.conv(self.layer1(x)))))
+        x = self.norm(x.mean((2, 3)))
+        return self.sharpness * self.head.fc(self.head.norm(x))
+
+
+def sar_net(sharpness=8.0):
+    torch.manual_seed(0)
+    return tta.wrap_model(SarNet(sharpness), class_names=[f"c{i}" for i in range(5)], input_size=(3, 12, 12))
+
+
+def test_sar_parameter_rules():
+    official = tta.create_adapter("sar", sar_net(), preset="official")
+    _, names = sar_collect_params(sar_configure_model(sar_net().net))
+    assert official.adapted_names == [f"net.{n}" for n in names]
+    assert {n.rsplit(".", 1)[0] for n in names} == {"layer1.1", "stage.norm", "head.norm"}
+    default = tta.create_adapter("sar", sar_net())  # *.norm and head* match the network's names, in the wrapper too
+    assert {n.rsplit(".", 1)[0] for n in default.adapted_names} == {"net.layer1.1"}
+
+
+@pytest.mark.parametrize("preset", ["official", "zoo-cifar10"])
+def test_sar_official_preset_matches_the_authors_code(preset):
+    """Reliable batches, then batches without a reliable sample (identical images: the official code still steps,
+    on momentum alone), then reliable ones again."""
+    stream = batches(3, seed=3)
+    stream[1] = stream[1][:1].expand(8, -1, -1, -1).clone()
+    stream.append(stream[1].clone())
+    stream += batches(2, seed=4)
+    lr = 0.05 if preset == "official" else 1e-3
+    model, ref_model = sar_net(), sar_net()
+    adapter = tta.create_adapter("sar", model, preset=preset, **({"lr": lr} if preset == "official" else {}))
+    assert (adapter.cfg.lr, adapter.cfg.always_step) == (lr, True)
+    ref = OfficialSAR(ref_model.net, lr, 0.4 * math.log(5))
+    for i, x in enumerate(stream):
+        before = [p.detach().clone() for _, p in adapter.adapted]
+        torch.testing.assert_close(adapter(x), ref(model.normalize(x)), **TOL)
+        assert_same_params(model.net, ref_model.net)
+        if i == 2:  # no reliable sample, and yet the weights moved: momentum
+            assert not all(torch.equal(a, p) for a, (_, p) in zip(before, adapter.adapted))
+    assert adapter.recoveries == ref.resets == 0
+
+
+def test_sar_official_recovery_keeps_momentum_and_the_low_ema():
+    """Near-zero entropies: the loss EMA falls under 0.2 at once, and the official code recovers at every step."""
+    stream = batches(4, seed=5)
+    model, ref_model = sar_net(sharpness=200.0), sar_net(sharpness=200.0)
+    adapter = tta.create_adapter("sar", model, preset="official", lr=0.05)
+    ref = OfficialSAR(ref_model.net, 0.05, 0.4 * math.log(5))
+    for x in stream:
+        torch.testing.assert_close(adapter(x), ref(model.normalize(x)), **TOL)
+        assert_same_params(model.net, ref_model.net)
+        assert adapter.loss_ema == pytest.approx(ref.ema)
+    assert adapter.recoveries == ref.resets == len(stream)
+    assert adapter.optimizer.state  # momentum buffers survived the recoveries
+    default = tta.create_adapter("sar", sar_net(sharpness=200.0), lr=0.05)
+    default(stream[0])
+    assert default.recoveries == 1 and default.loss_ema is None and not default.optimizer.state
+    zoo = tta.create_adapter("sar", sar_net(sharpness=200.0), preset="zoo-cifar10", lr=0.05)
+    zoo(stream[0])  # the zoo's reset(): weights back, the EMA cleared, SGD's momentum kept (its SAM, as the authors')
+    assert zoo.recoveries == 1 and zoo.loss_ema is None and zoo.optimizer.state

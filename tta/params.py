@@ -21,6 +21,13 @@ def norm_layers(model: nn.Module, exclude: Iterable[str] = ()) -> List[Tuple[str
             if isinstance(m, NORM_LAYERS) and not any(fnmatch.fnmatch(name, p) for p in exclude)]
 
 
+def network_of(model: nn.Module) -> nn.Module:
+    """The network inside a tta wrapper (ImageModel.net), or the model itself: what names such as `layer4` or
+    `head` refer to."""
+    from .models.wrapper import ImageModel
+    return model.net if isinstance(model, ImageModel) else model
+
+
 def use_batch_statistics(model: nn.Module) -> None:
     """Make batch-norm layers normalise with the statistics of the test batch.
 

@@ -7,31 +7,73 @@ Builds on TENT. Per step:
 3. model recovery: an exponential moving average of the second loss below `reset_constant` signals collapse
    and restores the source weights.
 Adapts the affine parameters of normalisation layers except those of the top blocks (the paper's choice:
-their statistics are unreliable); BN normalises with test-batch statistics.
+their statistics are unreliable); BN normalises with test-batch statistics. The `exclude` patterns (fnmatch) are
+matched against the module names of the network itself (inside a tta wrapper, without its `net.` prefix), so that
+they read as the network's own names (timm's, torchvision's).
+
+Presets (`preset`; a field given explicitly wins), after the authors' code (mr-eggplant/SAR sar.py, main.py):
+- "tta" (the default): SGD lr 2.5e-4, momentum 0.9 (main.py for ResNet-50 at batch 64 and more); no step when no
+  sample is reliable; a recovery restores the weights, the optimizer state and the loss EMA; exclude adds `*.norm`
+  (every module named norm) and `head*` to the authors' top blocks.
+- "official": the authors' code with its quirks, each one changing results: the descent step is taken even when no
+  sample is reliable (zero gradients, so SGD's momentum alone moves the weights: always_step); a recovery restores
+  the weights only, keeping SGD's momentum buffers (their SAM reloads its own state, not its base optimizer's) and
+  the low loss EMA, so it recovers again at every step until the EMA climbs back over reset_constant
+  (recovery: official); the authors' collect_params rules as patterns: a module whose name contains layer4,
+  blocks.9, blocks.10, blocks.11 or "norm." is left out, and one named exactly norm. Their lr rule is not applied
+  by the preset: 2.5e-4 holds for ResNets at batch 32 or more; ViT-Base used 1e-3 x batch / 64, ResNets below batch
+  32 2.5e-4 x batch / 32: set lr to that.
+- "zoo-cifar10": the TTA zoo's CIFAR-10-C setting (mariodoebler/test-time-adaptation, cfgs/cifar10_c/sar.yaml and
+  methods/sar.py): SAM over SGD lr 1e-3, momentum 0.9; the official patterns and step; a recovery keeps SGD's
+  momentum but clears the loss EMA (recovery: zoo).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from ..adapter import Adapter, AdapterConfig, register_adapter
-from ..config import Fraction, NonNegative, Rate
+from ..config import Fraction, NonNegative, Rate, fill_from_preset
 from ..losses import require_class_scores, softmax_entropy
-from ..params import enable_norm_affine, use_batch_statistics
+from ..params import enable_norm_affine, network_of, use_batch_statistics
+from ..registry import unknown_name_message
+
+RECOVERIES = ("source", "official", "zoo")
+TOP_BLOCKS = ("*layer4*", "*blocks.9*", "*blocks.10*", "*blocks.11*")  # ResNet layer4, ViT-Base blocks 9-11
+_SGD = {"optimizer": "sgd", "momentum": 0.9, "nesterov": False}
+_OFFICIAL = {**_SGD, "exclude": TOP_BLOCKS + ("*norm.*", "norm"), "always_step": True}
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "tta": {**_SGD, "lr": 2.5e-4, "exclude": TOP_BLOCKS + ("norm", "*.norm", "head*"), "always_step": False,
+            "recovery": "source"},
+    "official": {**_OFFICIAL, "lr": 2.5e-4, "recovery": "official"},        # mr-eggplant/SAR
+    "zoo-cifar10": {**_OFFICIAL, "lr": 1e-3, "recovery": "zoo"},             # zoo cfgs/cifar10_c/sar.yaml
+}
 
 
 @dataclass
 class SARConfig(AdapterConfig):
-    optimizer: str = "sgd"
-    lr: Rate = 2.5e-4
-    momentum: Fraction = 0.9
+    preset: str = "tta"                # tta | official | zoo-cifar10
+    optimizer: Optional[str] = None    # None: the preset's (sgd: SAM's base optimizer)
+    lr: Optional[Rate] = None          # None: the preset's (2.5e-4; 1e-3 for zoo-cifar10)
+    momentum: Optional[Fraction] = None
+    nesterov: Optional[bool] = None
     rho: NonNegative = 0.05            # SAM neighbourhood radius
     e_margin_scale: Fraction = 0.4     # e_margin = e_margin_scale * ln(K); entropies never exceed ln(K)
     reset_constant: NonNegative = 0.2  # recover the source model when the loss EMA falls below this
-    exclude: Tuple[str, ...] = ("*layer4*", "*blocks.9*", "*blocks.10*", "*blocks.11*", "norm", "*.norm", "head*")
+    exclude: Optional[Tuple[str, ...]] = None  # norm layers left out (fnmatch on the network's module names)
+    always_step: Optional[bool] = None  # take the descent step without reliable samples (official: momentum moves)
+    recovery: Optional[str] = None     # source | official | zoo: what a recovery restores (see the module docstring)
+
+    def __post_init__(self):
+        fill_from_preset(self, PRESETS)
+        super().__post_init__()
+        self.exclude = tuple(self.exclude)
+        if self.recovery not in RECOVERIES:
+            raise ValueError("sar: " + unknown_name_message("recovery", self.recovery, RECOVERIES))
 
 
 @register_adapter("sar")
@@ -41,7 +83,7 @@ class SAR(Adapter):
     def configure_model(self):
         super().configure_model()
         use_batch_statistics(self.model)
-        if not enable_norm_affine(self.model, self.cfg.exclude):
+        if not enable_norm_affine(network_of(self.model), self.cfg.exclude):
             raise ValueError("sar found no normalisation layers to adapt outside its `exclude` patterns "
                              f"{self.cfg.exclude}; pass exclude=() or use another method")
         self.recoveries = 0  # counts model recoveries over the adapter's life; reset() keeps it
@@ -60,23 +102,31 @@ class SAR(Adapter):
         outputs, entropy = self._entropy(x)
         e_margin = self.cfg.e_margin_scale * math.log(outputs.shape[1])
         reliable = entropy < e_margin
-        if not reliable.any():
-            return outputs
-        entropy[reliable].mean().backward()
         params = [p for _, p in self.adapted]
-        originals = self._ascend(params)
-        _, entropy2 = self._entropy(x)
-        entropy2 = entropy2[reliable]
-        still_reliable = entropy2.detach() < e_margin
-        loss2 = entropy2[still_reliable].mean() if still_reliable.any() else None
+        loss2 = None
+        if reliable.any():
+            entropy[reliable].mean().backward()
+            originals = self._ascend(params)
+            _, entropy2 = self._entropy(x)
+            entropy2 = entropy2[reliable]
+            still_reliable = entropy2.detach() < e_margin
+            loss2 = entropy2[still_reliable].mean() if still_reliable.any() else None
+            if loss2 is not None:
+                loss2.backward()
+            with torch.no_grad():  # back to the original weights; the descent takes the gradient of the perturbed point
+                for p, original in zip(params, originals):
+                    p.copy_(original)
         if loss2 is not None:
-            loss2.backward()
-        with torch.no_grad():  # back to the original weights; the descent uses the gradient from the perturbed point
-            for p, original in zip(params, originals):
-                p.copy_(original)
-        if loss2 is not None and self.step_guarded(float(loss2.detach())):  # guarded: non-finite gradients skip it
-            self._track(float(loss2.detach()))
+            if self.step_guarded(float(loss2.detach())):  # guarded: non-finite gradients skip it
+                self._update_ema(float(loss2.detach()))
+        elif self.cfg.always_step:
+            # The authors' code steps on the gradient of an empty mean, which is zero: SGD's momentum moves the weights
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            self.step_guarded()
         self.optimizer.zero_grad()
+        if self.loss_ema is not None and self.loss_ema < self.cfg.reset_constant:  # collapse: recover
+            self._recover()
         return outputs
 
     @torch.no_grad()
@@ -91,8 +141,16 @@ class SAR(Adapter):
         self.optimizer.zero_grad()
         return originals
 
-    def _track(self, loss: float) -> None:
+    def _update_ema(self, loss: float) -> None:
         self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
-        if self.loss_ema < self.cfg.reset_constant:  # collapse: recover the source model
-            self.recoveries += 1
+
+    def _recover(self) -> None:
+        self.recoveries += 1
+        if self.cfg.recovery == "source":
             self.reset()
+            return
+        loss_ema, optimizer_state = self.loss_ema, copy.deepcopy(self.optimizer.state_dict())
+        self.reset()
+        self.optimizer.load_state_dict(optimizer_state)  # the authors' SAM keeps its base SGD's momentum buffers
+        if self.cfg.recovery == "official":
+            self.loss_ema = loss_ema  # their forward() sets self.ema back after reset(): recovery repeats
