@@ -69,6 +69,15 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "tent" in result.stdout
 
 
+def test_python_m_tta_runs_the_command_line(monkeypatch, capsys):
+    """`python -m tta` in this interpreter: the fast lane's check of tta/__main__.py (the test above is slow)."""
+    import runpy
+    monkeypatch.setattr(sys, "argv", ["tta", "list", "adapters"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("tta", run_name="__main__")
+    assert done.value.code == 0 and "tent" in capsys.readouterr().out.split()
+
+
 def test_zoo_train_never_overwrites_shipped_checkpoints_by_default(monkeypatch, tmp_path, capsys):
     import tta.zoo
     from tta.zoo import checkpoint_path
