@@ -665,3 +665,192 @@ def test_sar_official_recovery_keeps_momentum_and_the_low_ema():
     zoo = tta.create_adapter("sar", sar_net(sharpness=200.0), preset="zoo-cifar10", lr=0.05)
     zoo(stream[0])  # the zoo's reset(): weights back, the EMA cleared, SGD's momentum kept (its SAM, as the authors')
     assert zoo.recoveries == 1 and zoo.loss_ema is None and zoo.optimizer.state
+
+
+# ---- MEMO: zhangmarvin/memo imagenet-exps and cifar-10-exps (utils/third_party.py, adapt_helpers.py) -------------
+class PriorBN(nn.BatchNorm2d):
+    """nn.BatchNorm2d with train_helpers._modified_bn_forward as its forward (the authors patch the class itself)."""
+    prior = 1
+
+    def forward(self, input):
+        est_mean = torch.zeros(self.running_mean.shape, device=self.running_mean.device)
+        est_var = torch.ones(self.running_var.shape, device=self.running_var.device)
+        nn.functional.batch_norm(input, est_mean, est_var, None, None, True, 1.0, self.eps)
+        running_mean = self.prior * self.running_mean + (1 - self.prior) * est_mean
+        running_var = self.prior * self.running_var + (1 - self.prior) * est_var
+        return nn.functional.batch_norm(input, running_mean, running_var, self.weight, self.bias, False, 0, self.eps)
+
+
+def with_prior_bn(net):
+    for name, m in list(net.named_children()):
+        if isinstance(m, nn.BatchNorm2d):
+            new = PriorBN(m.num_features, eps=m.eps)
+            new.load_state_dict(m.state_dict())
+            setattr(net, name, new)
+        else:
+            with_prior_bn(m)
+    return net
+
+
+def memo_augmentations(np_random, size):
+    """third_party.py's augmentations list, with np.random given as np_random."""
+    from PIL import Image, ImageOps
+
+    def int_parameter(level, maxval):
+        return int(level * maxval / 10)
+
+    def float_parameter(level, maxval):
+        return float(level) * maxval / 10.
+
+    def rand_lvl(n):
+        return np_random.uniform(low=0.1, high=n)
+
+    def rotate(pil_img, level):
+        degrees = int_parameter(rand_lvl(level), 30)
+        if np_random.uniform() > 0.5:
+            degrees = -degrees
+        return pil_img.rotate(degrees, resample=Image.BILINEAR, fillcolor=128)
+
+    def solarize(pil_img, level):
+        level = int_parameter(rand_lvl(level), 256)
+        return ImageOps.solarize(pil_img, 256 - level)
+
+    def shear_x(pil_img, level):
+        level = float_parameter(rand_lvl(level), 0.3)
+        if np_random.uniform() > 0.5:
+            level = -level
+        return pil_img.transform((size, size), Image.AFFINE, (1, level, 0, 0, 1, 0), resample=Image.BILINEAR,
+                                 fillcolor=128)
+
+    def shear_y(pil_img, level):
+        level = float_parameter(rand_lvl(level), 0.3)
+        if np_random.uniform() > 0.5:
+            level = -level
+        return pil_img.transform((size, size), Image.AFFINE, (1, 0, 0, level, 1, 0), resample=Image.BILINEAR,
+                                 fillcolor=128)
+
+    def translate_x(pil_img, level):
+        level = int_parameter(rand_lvl(level), size / 3)
+        if np_random.random() > 0.5:
+            level = -level
+        return pil_img.transform((size, size), Image.AFFINE, (1, 0, level, 0, 1, 0), resample=Image.BILINEAR,
+                                 fillcolor=128)
+
+    def translate_y(pil_img, level):
+        level = int_parameter(rand_lvl(level), size / 3)
+        if np_random.random() > 0.5:
+            level = -level
+        return pil_img.transform((size, size), Image.AFFINE, (1, 0, 0, 0, 1, level), resample=Image.BILINEAR,
+                                 fillcolor=128)
+
+    def posterize(pil_img, level):
+        level = int_parameter(rand_lvl(level), 4)
+        return ImageOps.posterize(pil_img, 4 - level)
+
+    return [ImageOps.autocontrast, ImageOps.equalize, lambda x: rotate(x, 1), lambda x: solarize(x, 1),
+            lambda x: shear_x(x, 1), lambda x: shear_y(x, 1), lambda x: translate_x(x, 1),
+            lambda x: translate_y(x, 1), lambda x: posterize(x, 1)]
+
+
+def memo_aug(np_random, size, crop, mean, std):
+    """_augmix_aug with its preaugment (RandomResizedCrop + flip for ImageNet, RandomCrop(pad 4) + flip for CIFAR)
+    and preprocess (ToTensor + Normalize)."""
+    import numpy as np
+    from torchvision import transforms
+    augmentations = memo_augmentations(np_random, size)
+    preprocess = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    preaugment = transforms.Compose([transforms.RandomResizedCrop(size) if crop == "resized" else
+                                     transforms.RandomCrop(size, padding=4), transforms.RandomHorizontalFlip()])
+
+    def _augmix_aug(x_orig):
+        x_orig = preaugment(x_orig)
+        x_processed = preprocess(x_orig)
+        w = np.float32(np_random.dirichlet([1.0, 1.0, 1.0]))
+        m = np.float32(np_random.beta(1.0, 1.0))
+        mix = torch.zeros_like(x_processed)
+        for i in range(3):
+            x_aug = x_orig.copy()
+            for _ in range(np_random.randint(1, 4)):
+                x_aug = np_random.choice(augmentations)(x_aug)
+            mix += w[i] * preprocess(x_aug)
+        return m * x_processed + (1 - m) * mix
+    return _augmix_aug
+
+
+def memo_marginal_entropy(outputs):
+    logits = outputs - outputs.logsumexp(dim=-1, keepdim=True)
+    avg_logits = logits.logsumexp(dim=0) - math.log(logits.shape[0])
+    avg_logits = torch.clamp(avg_logits, min=torch.finfo(avg_logits.dtype).min)
+    return -(avg_logits * torch.exp(avg_logits)).sum(dim=-1), avg_logits
+
+
+def random_pil(seed):
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    array = torch.randint(0, 256, (12, 12, 3), generator=g, dtype=torch.uint8)
+    array[:6] //= 3  # some structure, so that autocontrast and equalize do something
+    return Image.fromarray(array.numpy())
+
+
+def numpy_rng_as_memo_draws_it():
+    """tta.augment.memo_augment_official seeds its numpy RandomState from torch's generator, one draw per image."""
+    import numpy as np
+    return np.random.RandomState(int(torch.randint(0, 2 ** 31 - 1, ()).item()))
+
+
+@pytest.mark.parametrize("crop", ["resized", "pad4"])
+def test_memo_official_augmix_matches_the_authors(crop):
+    import numpy as np
+    import torchvision.transforms.functional as TF
+    model = bn_net()
+    pil = random_pil(3)
+    torch.manual_seed(5)
+    ours = tta.augment.memo_augment_official(TF.to_tensor(pil), 16, crop, rng=np.random.RandomState(9))
+    torch.manual_seed(5)
+    aug = memo_aug(np.random.RandomState(9), 12, crop, model.mean.flatten().tolist(), model.std.flatten().tolist())
+    theirs = torch.stack([aug(pil) for _ in range(16)])
+    torch.testing.assert_close(model.normalize(ours), theirs, **TOL)
+    assert len({round(float(v.sum()), 3) for v in ours}) == 16  # 16 different views
+
+
+@pytest.mark.parametrize("preset", ["official", "official-cifar10"])
+def test_memo_official_presets_match_the_authors_code(preset):
+    import torchvision.transforms.functional as TF
+    imagenet = preset == "official"
+    lr = 0.05  # instead of 2.5e-4 / 0.005, so that one step changes the predictions visibly
+    model = bn_net(sharpness=2.0)
+    adapter = tta.create_adapter("memo", model, preset=preset, lr=lr)
+    n = 64 if imagenet else 32
+    assert (adapter.cfg.n_augmentations, adapter.cfg.momentum, adapter.cfg.prior_strength) == \
+        (n, 0.0, 16.0 if imagenet else -1.0)
+    ref = bn_net(sharpness=2.0)
+    net = with_prior_bn(copy.deepcopy(ref.net))
+    ckpt = copy.deepcopy(net.state_dict())
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, weight_decay=0.0)
+    mean, std = ref.mean.flatten().tolist(), ref.std.flatten().tolist()
+    prior = 16 / 17 if imagenet else 1  # cifar-10-exps has no prior: plain BN in eval mode
+    changed = 0
+    for i in range(3):
+        pil = random_pil(10 + i)
+        image = TF.to_tensor(pil)
+        torch.manual_seed(20 + i)
+        ours = adapter(image[None])
+        # adapt_single + test_single, after net.load_state_dict(ckpt['state_dict'])
+        torch.manual_seed(20 + i)
+        tr_transforms = memo_aug(numpy_rng_as_memo_draws_it(), 12, "resized" if imagenet else "pad4", mean, std)
+        net.load_state_dict(ckpt)
+        net.eval()
+        PriorBN.prior = prior
+        inputs = torch.stack([tr_transforms(pil) for _ in range(n)])
+        optimizer.zero_grad()
+        loss, _ = memo_marginal_entropy(net(inputs))
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            theirs = net(TF.normalize(TF.to_tensor(pil), mean, std)[None])
+        PriorBN.prior = 1
+        torch.testing.assert_close(ours, theirs, **TOL)
+        with torch.no_grad():
+            changed += int(not torch.allclose(ours, ref(image[None]), atol=1e-3))
+    assert changed == 3
+    assert_same_params(model, bn_net(sharpness=2.0))  # episodic: the source weights are back after every image

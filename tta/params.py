@@ -1,10 +1,12 @@
 """Parameter selection and weight averaging shared by the methods."""
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from typing import Iterable, List, Tuple
+from typing import Iterable, Iterator, List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
@@ -38,6 +40,35 @@ def use_batch_statistics(model: nn.Module) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.train()
             m.momentum = 0.0
+
+
+@contextlib.contextmanager
+def batch_norm_prior(model: nn.Module, strength: float) -> Iterator[None]:
+    """Inside the block, batch-norm layers normalise with (strength x the source statistics + the test batch's) /
+    (strength + 1): the prior of Schneider et al. (NeurIPS 2020) that MEMO's code applies with strength 16 (its
+    _modified_bn_forward: the batch's unbiased variance, and the mixed statistics are constants for autograd). The
+    layers must be in eval mode; strength < 0 leaves them as they are (the authors' --prior_strength -1)."""
+    if strength < 0:
+        yield
+        return
+    prior = strength / (strength + 1)
+
+    def mixed(m: nn.Module, inputs, output):
+        x = inputs[0]
+        with torch.no_grad():
+            dims = [0] + list(range(2, x.dim()))
+            mean, var = x.mean(dims), x.var(dims, unbiased=True)
+            mean = prior * m.running_mean + (1 - prior) * mean
+            var = prior * m.running_var + (1 - prior) * var
+        return F.batch_norm(x, mean, var, m.weight, m.bias, False, 0.0, m.eps)
+
+    handles = [m.register_forward_hook(mixed) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def enable_norm_affine(model: nn.Module, exclude: Iterable[str] = ()) -> List[str]:

@@ -39,6 +39,7 @@ ADDED_FIELDS: Dict[str, Dict[str, Any]] = {
     "adapter:eata": {"preset": "tta", "fisher_data": None, "fisher_size": 2000, "keep_average_on_reset": False},
     "adapter:cotta": {"preset": "tta", "loss": "ce", "adapt": "all", "augment": "tta"},
     "adapter:sar": {"preset": "tta", "always_step": False, "recovery": "source"},
+    "adapter:memo": {"preset": "tta", "prior_strength": -1.0, "augment": "tta", "crop": "resized"},
 }
 
 
