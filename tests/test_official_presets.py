@@ -854,3 +854,24 @@ def test_memo_official_presets_match_the_authors_code(preset):
             changed += int(not torch.allclose(ours, ref(image[None]), atol=1e-3))
     assert changed == 3
     assert_same_params(model, bn_net(sharpness=2.0))  # episodic: the source weights are back after every image
+
+
+# ---- norm: DequanWang/tent norm.py ------------------------------------------------------------------------------
+def test_norm_official_preset_sets_the_authors_epsilon():
+    model = bn_net()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 1e-3  # as timm's TensorFlow ports
+    ref = copy.deepcopy(model)
+    for m in ref.modules():  # norm.configure_model(model, eps=1e-5, momentum=0.1, ...)
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+            m.eps = 1e-5
+            m.momentum = 0.1
+    x = batches(1)[0] * 0.05  # low-variance channels, where epsilon matters
+    default = tta.create_adapter("norm", copy.deepcopy(model))
+    official = tta.create_adapter("norm", model, preset="official")
+    with torch.no_grad():
+        expected = ref(x)
+    torch.testing.assert_close(official(x), expected, **TOL)
+    assert not torch.allclose(default(x), expected, **TOL)  # the default keeps the network's 1e-3

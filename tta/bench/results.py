@@ -40,6 +40,7 @@ ADDED_FIELDS: Dict[str, Dict[str, Any]] = {
     "adapter:cotta": {"preset": "tta", "loss": "ce", "adapt": "all", "augment": "tta"},
     "adapter:sar": {"preset": "tta", "always_step": False, "recovery": "source"},
     "adapter:memo": {"preset": "tta", "prior_strength": -1.0, "augment": "tta", "crop": "resized"},
+    "adapter:norm": {"preset": "tta", "bn_eps": -1.0},
 }
 
 
