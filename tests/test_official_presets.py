@@ -875,3 +875,18 @@ def test_norm_official_preset_sets_the_authors_epsilon():
         expected = ref(x)
     torch.testing.assert_close(official(x), expected, **TOL)
     assert not torch.allclose(default(x), expected, **TOL)  # the default keeps the network's 1e-3
+
+
+# ---- the benchmark files run the setups of the tables they cite ------------------------------------------------
+@pytest.mark.parametrize("path, presets", [
+    ("benchmarks/cifar10-c.yaml", {"norm": "official", "eata": "zoo-cifar10", "sar": "zoo-cifar10",
+                                   "cotta": "official-cifar10"}),
+    ("benchmarks/imagenet-c.yaml", {"norm": "official", "eata": "official", "sar": "official",
+                                    "cotta": "official-imagenet", "memo-episodic": "official"})])
+def test_benchmark_files_pick_the_published_presets(path, presets):
+    from pathlib import Path
+    from tta.bench.spec import load_spec
+    spec = load_spec(Path(__file__).resolve().parents[1] / path)
+    configs = {m.label: m.resolved_config() for m in spec.methods}
+    assert {label: configs[label].preset for label in presets} == presets
+    assert configs["eata"].fisher_data is not None  # EATA, not ETA
