@@ -890,3 +890,30 @@ def test_benchmark_files_pick_the_published_presets(path, presets):
     configs = {m.label: m.resolved_config() for m in spec.methods}
     assert {label: configs[label].preset for label in presets} == presets
     assert configs["eata"].fisher_data is not None  # EATA, not ETA
+
+
+def test_sar_official_lr_rule():
+    """main.py: args.lr from the batch size and the network (ResNet-50 with BN or GN, or ViT-Base)."""
+    adapter = tta.create_adapter("sar", sar_net(), preset="official", lr_rule="official")
+    adapter(batches(1, size=8)[0])
+    assert adapter.ruled_lr == pytest.approx(0.00025 / 64 * 8 * 2)
+    adapter.reset()
+    assert adapter.optimizer.param_groups[0]["lr"] == pytest.approx(0.00025 / 64 * 8 * 2)  # kept by reset()
+    big = tta.create_adapter("sar", sar_net(), preset="official", lr_rule="official")
+    big(batches(1, size=32)[0])
+    assert big.ruled_lr == 0.00025
+
+    class LayerNormOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 6), nn.LayerNorm(6))
+            self.head = nn.Linear(6, 5)
+
+        def forward(self, x):
+            return 8 * self.head(self.blocks(x))
+    torch.manual_seed(0)
+    vit = tta.wrap_model(LayerNormOnly(), class_names=[f"c{i}" for i in range(5)], input_size=(3, 12, 12))
+    adapter = tta.create_adapter("sar", vit, preset="official", lr_rule="official")
+    adapter(batches(1, size=8)[0])
+    assert adapter.ruled_lr == pytest.approx(0.001 / 64 * 8)
+    assert tta.create_adapter("sar", sar_net(), preset="official").cfg.lr_rule == "fixed"  # lr as given by default

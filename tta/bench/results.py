@@ -38,7 +38,7 @@ ADDED_FIELDS: Dict[str, Dict[str, Any]] = {
     "adapter": {"nesterov": False},
     "adapter:eata": {"preset": "tta", "fisher_data": None, "fisher_size": 2000, "keep_average_on_reset": False},
     "adapter:cotta": {"preset": "tta", "loss": "ce", "adapt": "all", "augment": "tta"},
-    "adapter:sar": {"preset": "tta", "always_step": False, "recovery": "source"},
+    "adapter:sar": {"preset": "tta", "always_step": False, "recovery": "source", "lr_rule": "fixed"},
     "adapter:memo": {"preset": "tta", "prior_strength": -1.0, "augment": "tta", "crop": "resized"},
     "adapter:norm": {"preset": "tta", "bn_eps": -1.0},
 }

@@ -20,9 +20,10 @@ Presets (`preset`; a field given explicitly wins), after the authors' code (mr-e
   the weights only, keeping SGD's momentum buffers (their SAM reloads its own state, not its base optimizer's) and
   the low loss EMA, so it recovers again at every step until the EMA climbs back over reset_constant
   (recovery: official); the authors' collect_params rules as patterns: a module whose name contains layer4,
-  blocks.9, blocks.10, blocks.11 or "norm." is left out, and one named exactly norm. Their lr rule is not applied
-  by the preset: 2.5e-4 holds for ResNets at batch 32 or more; ViT-Base used 1e-3 x batch / 64, ResNets below batch
-  32 2.5e-4 x batch / 32: set lr to that.
+  blocks.9, blocks.10, blocks.11 or "norm." is left out, and one named exactly norm. Its lr, 2.5e-4, is the authors'
+  for ResNets at batch 32 or more; `lr_rule: official` applies their whole rule (main.py) at the first batch:
+  1e-3 x batch / 64 for networks without batch or group norm (their ViT-Base), else 2.5e-4, or 2.5e-4 x batch / 32
+  below batch 32.
 - "zoo-cifar10": the TTA zoo's CIFAR-10-C setting (mariodoebler/test-time-adaptation, cfgs/cifar10_c/sar.yaml and
   methods/sar.py): SAM over SGD lr 1e-3, momentum 0.9; the official patterns and step; a recovery keeps SGD's
   momentum but clears the loss EMA (recovery: zoo).
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from torch import nn
 
 from ..adapter import Adapter, AdapterConfig, register_adapter
 from ..config import Fraction, NonNegative, Rate, fill_from_preset
@@ -43,6 +45,7 @@ from ..params import enable_norm_affine, network_of, use_batch_statistics
 from ..registry import unknown_name_message
 
 RECOVERIES = ("source", "official", "zoo")
+LR_RULES = ("fixed", "official")
 TOP_BLOCKS = ("*layer4*", "*blocks.9*", "*blocks.10*", "*blocks.11*")  # ResNet layer4, ViT-Base blocks 9-11
 _SGD = {"optimizer": "sgd", "momentum": 0.9, "nesterov": False}
 _OFFICIAL = {**_SGD, "exclude": TOP_BLOCKS + ("*norm.*", "norm"), "always_step": True}
@@ -67,6 +70,7 @@ class SARConfig(AdapterConfig):
     exclude: Optional[Tuple[str, ...]] = None  # norm layers left out (fnmatch on the network's module names)
     always_step: Optional[bool] = None  # take the descent step without reliable samples (official: momentum moves)
     recovery: Optional[str] = None     # source | official | zoo: what a recovery restores (see the module docstring)
+    lr_rule: str = "fixed"             # fixed (lr) | official (the authors' lr from the first batch's size)
 
     def __post_init__(self):
         fill_from_preset(self, PRESETS)
@@ -74,6 +78,8 @@ class SARConfig(AdapterConfig):
         self.exclude = tuple(self.exclude)
         if self.recovery not in RECOVERIES:
             raise ValueError("sar: " + unknown_name_message("recovery", self.recovery, RECOVERIES))
+        if self.lr_rule not in LR_RULES:
+            raise ValueError("sar: " + unknown_name_message("lr_rule", self.lr_rule, LR_RULES))
 
 
 @register_adapter("sar")
@@ -87,10 +93,25 @@ class SAR(Adapter):
             raise ValueError("sar found no normalisation layers to adapt outside its `exclude` patterns "
                              f"{self.cfg.exclude}; pass exclude=() or use another method")
         self.recoveries = 0  # counts model recoveries over the adapter's life; reset() keeps it
+        self.ruled_lr: Optional[float] = None  # lr_rule official: set at the first batch, kept by reset()
         self.reset_extra_state()
 
     def reset_extra_state(self):
         self.loss_ema: Optional[float] = None
+        self._apply_ruled_lr()  # reset() reloaded the optimizer with the construction lr
+
+    def _apply_ruled_lr(self) -> None:
+        if self.ruled_lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.ruled_lr
+
+    def official_lr(self, batch_size: int) -> float:
+        """mr-eggplant/SAR main.py: 1e-3 x batch / 64 for ViT-Base, else 2.5e-4, or 2.5e-4 x batch / 32 below batch
+        32 (its ResNet-50 with batch or group norm); a network without batch or group norm counts as a ViT."""
+        resnet = any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) for m in self.model.modules())
+        if not resnet:
+            return 0.001 / 64 * batch_size
+        return 0.00025 / 64 * batch_size * 2 if batch_size < 32 else 0.00025
 
     def _entropy(self, x):
         outputs = self.model(x)
@@ -99,6 +120,9 @@ class SAR(Adapter):
         return outputs, entropy.reshape(entropy.shape[0], -1).mean(1)
 
     def forward_and_adapt(self, x):
+        if self.cfg.lr_rule == "official" and self.ruled_lr is None:
+            self.ruled_lr = self.official_lr(x.shape[0])
+            self._apply_ruled_lr()
         outputs, entropy = self._entropy(x)
         e_margin = self.cfg.e_margin_scale * math.log(outputs.shape[1])
         reliable = entropy < e_margin
