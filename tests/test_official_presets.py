@@ -1,7 +1,10 @@
 """The baselines' `official` presets against independent transcriptions of the authors' code (mr-eggplant/EATA,
-mr-eggplant/SAR, qinenergy/cotta, zhangmarvin/memo) on a tiny batch-norm network, edge paths included: EATA's Fisher
-regulariser and reset, ... Each reference below follows its repository's functions line by line (names kept), with
-only .cuda() calls dropped; the adapter under test is built from its preset alone."""
+mr-eggplant/SAR, qinenergy/cotta, zhangmarvin/memo, DequanWang/tent) on tiny batch-norm networks, to 1e-5, edge paths
+included: EATA's Fisher regulariser and a reset that keeps its moving average; SAR without a reliable sample
+(momentum steps) and its repeated recoveries; CoTTA augmented and not, with stochastic restores; MEMO's AugMix draw
+for draw and its batch-norm prior. Each reference follows its repository's functions line by line (names kept), with
+.cuda() calls dropped and numpy's global generator passed in as an object; the adapter under test is built from its
+preset. Also: EATA's Fisher computed by the harness (fisher_data), and the benchmark files' presets."""
 import copy
 import math
 
