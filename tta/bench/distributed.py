@@ -45,7 +45,7 @@ import torch
 
 from ..data.streams import StreamBatch, domain_order
 from .results import ResultStore, append_row, row_key, run_lock
-from .runner import Job, Runner
+from .runner import Job, Runner, thin_curve
 
 SHARD_FIELD = "shard"          # in rank rows of episodic shards: {"rank", "world_size", "meter", "batches"}
 ORDER_FIELD = "_order"         # in rank rows: [job index, domain index], to write the merged file in plan order
@@ -177,12 +177,11 @@ def merge_shard_rows(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         for k, v in (r.get("guard_events") or {}).items():
             events[k] = events.get(k, 0) + v
     row = {k: v for k, v in rows[0].items() if k not in (SHARD_FIELD, ORDER_FIELD)}
-    from .runner import _thin
     row.update({
         "metrics": meter.compute(), "per_image": meter.per_image(),
         "n": sum(r["n"] for r in rows), "n_batches": sum(r["n_batches"] for r in rows),
         "seconds": max(r["seconds"] for r in rows), "seconds_model": round(sum(r["seconds_model"] for r in rows), 4),
-        "guard_events": events, "curve": _thin(curve), "finished": max(r["finished"] for r in rows),
+        "guard_events": events, "curve": thin_curve(curve), "finished": max(r["finished"] for r in rows),
         "distributed": {"world_size": world, "sharded_by": "example"},
     })
     return row

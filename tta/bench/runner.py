@@ -155,7 +155,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _thin(curve: List[List[float]]) -> List[List[float]]:
+def thin_curve(curve: List[List[float]]) -> List[List[float]]:
+    """At most MAX_CURVE_POINTS points of a running curve, evenly spaced, always keeping the last."""
     if len(curve) <= MAX_CURVE_POINTS:
         return curve
     step = len(curve) / MAX_CURVE_POINTS
@@ -374,7 +375,7 @@ class Runner:
             # each image's index in the domain and its outcome, so any two methods on the same images pair up
             "per_image": meter.per_image(),
             "n_batches": batches, "steps_per_batch": job.config.get("steps"), "seconds": round(wall_s, 4),
-            "seconds_model": round(model_s, 4), "curve": _thin(curve), "domain_info": domain.info,
+            "seconds_model": round(model_s, 4), "curve": thin_curve(curve), "domain_info": domain.info,
             "mce_baseline": self.spec.mce_baseline,
             "model_info": self._models[id(job.method.model or self.spec.model)][1],  # which checkpoint, exactly
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -147,6 +147,11 @@ class DiffusionBackend(nn.Module):
                 f"prediction_type={self.prediction_type}")
 
 
+def square_size(size: Any) -> Tuple[int, int]:
+    """A diffusers `sample_size` (one int for square models, or (H, W)) as (H, W)."""
+    return tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+
 def prepare_images(images: torch.Tensor, size: Sequence[int], channels: int) -> torch.Tensor:
     """[0, 1] images -> the judge's resolution and channel count, scaled to [-1, 1] as diffusion models expect."""
     check_images(images)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import DiffusionBackend, load_component, load_scheduler, prepare_images, read_metadata, register_backend
-from .pixel_unet import _square
+from .base import (DiffusionBackend, load_component, load_scheduler, prepare_images, read_metadata, register_backend,
+                   square_size)
 
 LAYOUT = "unet/ (UNet2DModel, in_channels = image + map channels) + scheduler/, or a flat folder"
 MAP_KINDS = ("probabilities", "depth")
@@ -43,7 +43,7 @@ class MapUNetBackend(DiffusionBackend):
             raise ValueError(f"{len(class_names)} class names for a judge with {map_channels} map channels")
         if map_kind == "probabilities" and class_names is None:
             class_names = [f"class_{i}" for i in range(map_channels)]
-        super().__init__(scheduler, _square(unet.config.sample_size), image_channels,
+        super().__init__(scheduler, square_size(unet.config.sample_size), image_channels,
                          class_names if map_kind == "probabilities" else None)
         self.unet = unet.eval().requires_grad_(False)
         self.map_channels = map_channels

@@ -15,13 +15,9 @@ import torch
 from torch import nn
 
 from .base import (INPUT_NORMS, DiffusionBackend, load_component, load_scheduler, normalise_judge_input,
-                   prepare_images, read_metadata, register_backend, replaced_outputs)
+                   prepare_images, read_metadata, register_backend, replaced_outputs, square_size)
 
 LAYOUT = "unet/ (UNet2DModel with num_class_embeds) + scheduler/ (scheduler_config.json), or a flat folder"
-
-
-def _square(size) -> tuple:
-    return tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
 
 
 @register_backend("pixel-unet")
@@ -38,7 +34,7 @@ class PixelUNetBackend(DiffusionBackend):
         k = table.num_embeddings
         if class_names is not None and len(class_names) != k:
             raise ValueError(f"{len(class_names)} class names given for a judge with {k} classes")
-        super().__init__(scheduler, _square(unet.config.sample_size), unet.config.out_channels,
+        super().__init__(scheduler, square_size(unet.config.sample_size), unet.config.out_channels,
                          class_names or [f"class_{i}" for i in range(k)])
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
