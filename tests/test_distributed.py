@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-from tta.bench.distributed import merge_meters, meter_state, rank_file
-from tta.bench.metrics import ClassificationMeter
+from tta.bench.distributed import rank_file
+from tta.bench.metrics import ClassificationMeter, DepthMeter, ObjectDiscoveryMeter, SegmentationMeter, merge_meters
 from tta.bench.results import read_rows, row_key
 
 
@@ -103,11 +103,32 @@ def test_torchrun_matches_single_process(tmp_path):
         assert again[key]["metrics"] == row["metrics"]
 
 
-def test_meter_state_round_trips_through_json():
+def _meter_batches(task):
     import torch
-    a, b, whole = ClassificationMeter(), ClassificationMeter(), ClassificationMeter()
     torch.manual_seed(0)
-    xs, ys = torch.randn(10, 5), torch.randint(0, 5, (10,))
-    a.update(xs[:6], ys[:6]), b.update(xs[6:], ys[6:]), whole.update(xs, ys)
-    states = [json.loads(json.dumps(meter_state(m))) for m in (a, b)]
-    assert merge_meters(states).compute() == whole.compute()
+    if task == "classification":
+        return ClassificationMeter(class_subset=[0, 2, 3, 4]), [(torch.randn(4, 5), torch.tensor([0, 2, -1, 4]))
+                                                                 for _ in range(3)]
+    if task == "segmentation":
+        return SegmentationMeter(3), [(torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))) for _ in range(3)]
+    if task == "depth":
+        return DepthMeter(), [(torch.rand(2, 1, 12, 12) + 0.5, torch.rand(2, 1, 12, 12) + 0.5) for _ in range(3)]
+    return ObjectDiscoveryMeter(), [(torch.randn(2, 4, 8, 8), torch.randint(0, 3, (2, 8, 8))) for _ in range(3)]
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation", "depth", "object_discovery"])
+def test_meter_state_round_trips_through_json(task):
+    import copy
+
+    import torch
+    whole, batches = _meter_batches(task)
+    parts = [copy.deepcopy(whole), copy.deepcopy(whole)]
+    for i, (x, y) in enumerate(batches):
+        ids = torch.arange(len(x)) + i * len(x)
+        whole.update(x, y, ids)
+        parts[i % 2].update(x, y, ids)
+    states = [json.loads(json.dumps(m.state())) for m in parts]
+    merged = merge_meters(states)
+    assert type(merged) is type(whole) and merged.n == whole.n
+    assert merged.compute() == pytest.approx(whole.compute())
+    assert sorted(zip(*merged.per_image().values())) == sorted(zip(*whole.per_image().values()))

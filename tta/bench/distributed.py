@@ -44,12 +44,12 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..data.streams import StreamBatch, domain_order
+from .metrics import merge_meters
 from .results import ResultStore, append_row, row_key, run_lock
 from .runner import Job, Runner, thin_curve
 
 SHARD_FIELD = "shard"          # in rank rows of episodic shards: {"rank", "world_size", "meter", "batches"}
 ORDER_FIELD = "_order"         # in rank rows: [job index, domain index], to write the merged file in plan order
-CONFIG_ATTRIBUTES = ("subset", "n_bins", "num_classes", "ignore_index", "primary")
 
 
 # ---- the env-var protocol ------------------------------------------------------------------------------------
@@ -86,73 +86,6 @@ def rank_file(out, rank: int) -> Path:
 
 def shard_key(key: str, world_size: int, rank: int) -> str:
     return json.dumps([key, world_size, rank])
-
-
-# ---- meters: their state as JSON, and the merge of shard states ----------------------------------------------
-def _encode(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return {"__tensor__": value.tolist(), "dtype": str(value.dtype).replace("torch.", "")}
-    if isinstance(value, dict):
-        return {k: _encode(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encode(v) for v in value]
-    return value
-
-
-def _decode(value: Any) -> Any:
-    if isinstance(value, dict) and "__tensor__" in value:
-        return torch.tensor(value["__tensor__"], dtype=getattr(torch, value["dtype"]))
-    if isinstance(value, dict):
-        return {k: _decode(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    return value
-
-
-def meter_state(meter) -> Dict[str, Any]:
-    """A meter's class and attributes (tensors as lists): enough to rebuild it on another process."""
-    cls = type(meter)
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "attributes": _encode(dict(vars(meter)))}
-
-
-def _merge_values(name: str, values: List[Any]) -> Any:
-    first = values[0]
-    if name in CONFIG_ATTRIBUTES or first is None or isinstance(first, (str, bool)):
-        if any(not _same(first, v) for v in values[1:]):
-            raise ValueError(f"meter shards disagree on {name!r}: {values}")
-        return first
-    if isinstance(first, list):
-        return [x for v in values for x in v]        # per-example lists, in shard order
-    if isinstance(first, torch.Tensor):
-        return sum(values[1:], first.clone())        # confusion matrices
-    if isinstance(first, dict):
-        return {k: _merge_values(k, [v[k] for v in values]) for k in first}
-    if isinstance(first, (int, float)):
-        return sum(values[1:], first)                # counts and sums
-    raise TypeError(f"cannot merge meter attribute {name!r} of type {type(first).__name__}")
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-    return a == b
-
-
-def merge_meters(states: List[Dict[str, Any]]):
-    """One meter from the states of its shards: lists are concatenated, counts, sums and matrices added."""
-    import importlib
-    classes = {s["class"] for s in states}
-    if len(classes) != 1:
-        raise ValueError(f"shards of one row used different meters: {sorted(classes)}")
-    module, qualname = classes.pop().split(":")
-    cls = importlib.import_module(module)
-    for part in qualname.split("."):
-        cls = getattr(cls, part)
-    attributes = [_decode(s["attributes"]) for s in states]
-    meter = cls.__new__(cls)
-    for name in attributes[0]:
-        setattr(meter, name, _merge_values(name, [a[name] for a in attributes]))
-    return meter
 
 
 def merge_shard_rows(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -334,7 +267,7 @@ class ShardedRunner(Runner):
                 if isinstance(correct, list) and b["labelled"] is not None:
                     b["correct"] = int(sum(correct[start:start + b["labelled"]]))
                     start += b["labelled"]
-            extra[SHARD_FIELD] = {"rank": self.rank, "world_size": self.world_size, "meter": meter_state(meter),
+            extra[SHARD_FIELD] = {"rank": self.rank, "world_size": self.world_size, "meter": meter.state(),
                                   "batches": log}
         append = self.store.append
         self.store.append = lambda row: append({**row, **extra})

@@ -8,7 +8,7 @@ Depth: AbsRel, RMSE and delta < 1.25 pooled over valid pixels, and SSIM averaged
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -151,9 +151,19 @@ def depth_ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 
 # ---- meters: accumulate over a stream ----------------------------------------------------------------------
-class _PerImage:
-    """Per-image records kept beside a meter's totals: each image's index in its domain ("id") and its score,
-    so two methods run on the same images can be paired image by image (tta.bench.stats)."""
+class Meter:
+    """What every meter shares: a count `n`, per-image records, and its state as JSON to merge shards of a stream.
+
+    Per-image records are kept beside a meter's totals: each image's index in its domain ("id") and its score, so
+    two methods run on the same images can be paired image by image (tta.bench.stats).
+
+    `state()` is what a meter has accumulated and what it was built with, as plain JSON values; `Meter.merge`
+    builds one meter from the states of meters that each saw part of a stream (tta.bench.distributed's shards):
+    per-example lists are concatenated in the order given, counts, sums and matrices added, so the metrics come out
+    exactly as if one meter had seen every batch.
+    """
+    task = ""
+    primary = ""
 
     def _start_records(self, *fields: str) -> None:
         self.records: Dict[str, list] = {"id": [], **{f: [] for f in fields}}
@@ -170,10 +180,45 @@ class _PerImage:
     def per_image(self) -> Optional[Dict[str, list]]:
         return self.records if self.records_complete and self.records["id"] else None
 
+    # ---- state and merge ----
+    def config(self) -> Dict[str, Any]:
+        """The constructor's arguments, as JSON values."""
+        return {}
 
-class ClassificationMeter(_PerImage):
+    def totals(self) -> Dict[str, Any]:
+        """What the meter has accumulated besides `n` and the records, as JSON values."""
+        raise NotImplementedError
+
+    def add_totals(self, totals: Mapping[str, Any]) -> None:
+        """Add another meter's `totals()` to this one's (lists are appended after this meter's own)."""
+        raise NotImplementedError
+
+    def state(self) -> Dict[str, Any]:
+        return {"task": self.task, "config": self.config(), "n": self.n, "records": self.records,
+                "records_complete": self.records_complete, "totals": self.totals()}
+
+    @classmethod
+    def merge(cls, states: Sequence[Mapping[str, Any]]) -> "Meter":
+        """One meter from the `state()`s of meters of this class built alike, each having seen part of a stream."""
+        if not states:
+            raise ValueError("merging meters needs at least one state")
+        for s in states:
+            if s["task"] != cls.task or s["config"] != states[0]["config"]:
+                raise ValueError(f"cannot merge meter states of different tasks or settings into one "
+                                 f"{cls.__name__}: {[(t['task'], t['config']) for t in states]}")
+        meter = cls(**states[0]["config"])
+        for s in states:
+            meter.n += s["n"]
+            for name, values in s["records"].items():
+                meter.records[name] += values
+            meter.records_complete = meter.records_complete and s["records_complete"]
+            meter.add_totals(s["totals"])
+        return meter
+
+
+class ClassificationMeter(Meter):
     """Top-1 accuracy and ECE; `class_subset` restricts the prediction to those output indices (ImageNet-A/R)."""
-    primary = "accuracy"
+    task, primary = "classification", "accuracy"
 
     def __init__(self, class_subset: Optional[Sequence[int]] = None, n_bins: int = 15):
         self.subset = torch.as_tensor(list(class_subset)) if class_subset is not None else None
@@ -205,6 +250,16 @@ class ClassificationMeter(_PerImage):
     def running(self) -> Optional[float]:
         return sum(self.correct) / len(self.correct) if self.correct else None
 
+    def config(self) -> Dict[str, Any]:
+        return {"class_subset": None if self.subset is None else self.subset.tolist(), "n_bins": self.n_bins}
+
+    def totals(self) -> Dict[str, Any]:
+        return {"confidence": self.confidence, "correct": self.correct}
+
+    def add_totals(self, totals: Mapping[str, Any]) -> None:
+        self.confidence += totals["confidence"]
+        self.correct += totals["correct"]
+
     def compute(self) -> Dict[str, Optional[float]]:
         if not self.correct:
             return {"accuracy": None, "error": None, "ece": None, "n_labelled": 0}
@@ -214,10 +269,10 @@ class ClassificationMeter(_PerImage):
                 "n_labelled": len(self.correct)}
 
 
-class SegmentationMeter(_PerImage):
+class SegmentationMeter(Meter):
     """mIoU and pixel accuracy; logits are resized (bilinear) to the target's size before the argmax. The
     per-image records hold each image's own mIoU (over the classes in that image or its prediction)."""
-    primary = "miou"
+    task, primary = "segmentation", "miou"
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
         self.num_classes = num_classes
@@ -240,16 +295,25 @@ class SegmentationMeter(_PerImage):
     def running(self) -> Optional[float]:
         return pixel_accuracy(self.conf) if self.conf.sum() else None
 
+    def config(self) -> Dict[str, Any]:
+        return {"num_classes": self.num_classes, "ignore_index": self.ignore_index}
+
+    def totals(self) -> Dict[str, Any]:
+        return {"conf": self.conf.tolist()}
+
+    def add_totals(self, totals: Mapping[str, Any]) -> None:
+        self.conf += torch.tensor(totals["conf"], dtype=torch.int64)
+
     def compute(self) -> Dict[str, Optional[float]]:
         if not self.conf.sum():
             return {"miou": None, "pixel_accuracy": None}
         return {"miou": mean_iou(self.conf), "pixel_accuracy": pixel_accuracy(self.conf)}
 
 
-class DepthMeter(_PerImage):
+class DepthMeter(Meter):
     """AbsRel, RMSE, delta1 (pooled over pixels) and SSIM (mean over images); predictions are resized to the
     target's size. The per-image records hold each image's own delta1."""
-    primary = "delta1"
+    task, primary = "depth", "delta1"
 
     def __init__(self):
         self.sums = {"pixels": 0.0, "abs_rel": 0.0, "sq_err": 0.0, "delta1": 0.0}
@@ -280,6 +344,14 @@ class DepthMeter(_PerImage):
     def running(self) -> Optional[float]:
         return self.sums["delta1"] / self.sums["pixels"] if self.sums["pixels"] else None
 
+    def totals(self) -> Dict[str, Any]:
+        return {"sums": self.sums, "ssims": self.ssims}
+
+    def add_totals(self, totals: Mapping[str, Any]) -> None:
+        for key, value in totals["sums"].items():
+            self.sums[key] += value
+        self.ssims += totals["ssims"]
+
     def compute(self) -> Dict[str, Optional[float]]:
         if not self.sums["pixels"]:
             return {"abs_rel": None, "rmse": None, "delta1": None, "ssim": None}
@@ -288,10 +360,10 @@ class DepthMeter(_PerImage):
         return out
 
 
-class ObjectDiscoveryMeter(_PerImage):
+class ObjectDiscoveryMeter(Meter):
     """ARI and FG-ARI (mean over images) of slot masks (B, S, H, W) against integer label maps (B, H, W), for
     slot models (task "object_discovery"): slot k has no fixed class, so only the partition is compared."""
-    primary = "fg_ari"
+    task, primary = "object_discovery", "fg_ari"
 
     def __init__(self):
         self.ari: List[float] = []
@@ -314,6 +386,13 @@ class ObjectDiscoveryMeter(_PerImage):
     def running(self) -> Optional[float]:
         return sum(self.fg_ari) / len(self.fg_ari) if self.fg_ari else None
 
+    def totals(self) -> Dict[str, Any]:
+        return {"ari": self.ari, "fg_ari": self.fg_ari}
+
+    def add_totals(self, totals: Mapping[str, Any]) -> None:
+        self.ari += totals["ari"]
+        self.fg_ari += totals["fg_ari"]
+
     def compute(self) -> Dict[str, Optional[float]]:
         if not self.ari:
             return {"fg_ari": None, "ari": None}
@@ -327,6 +406,18 @@ TASK_METRICS: Dict[str, List[Tuple[str, bool]]] = {
     "depth": [("abs_rel", False), ("rmse", False), ("delta1", True), ("ssim", True)],
     "object_discovery": [("fg_ari", True), ("ari", True)],
 }
+
+
+METERS: Dict[str, type] = {m.task: m for m in (ClassificationMeter, SegmentationMeter, DepthMeter,
+                                                ObjectDiscoveryMeter)}
+
+
+def merge_meters(states: Sequence[Mapping[str, Any]]) -> Meter:
+    """One meter from the `state()`s of meters that each saw part of one stream (see Meter)."""
+    tasks = {s["task"] for s in states}
+    if len(tasks) != 1:
+        raise ValueError(f"parts of one stream were scored by different meters: {sorted(tasks)}")
+    return METERS[tasks.pop()].merge(states)
 
 
 def make_meter(task: str, num_classes: Optional[int] = None, class_subset: Optional[Iterable[int]] = None):
