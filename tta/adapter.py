@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -17,11 +16,12 @@ import torch
 from torch import nn
 
 from .config import Beta, Fraction, Rate, Steps, check_config, make_config
+from .guard import check_step_fits, collapsed_to_one_class, skipped_update, unusable
+from .guard import finite_and_largest  # noqa: F401  (its old home: tests and callers import it from here)
 from .registry import Registry, unknown_name_message
 
 ADAPTERS = Registry("adapter")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-COLLAPSE_MIN_BATCH = 16  # the smallest batch whose predictions the guard calls a collapse (Adapter.collapsed)
 
 
 @dataclass
@@ -48,24 +48,6 @@ class AdapterConfig:
         self.betas = tuple(self.betas)
 
 
-def finite_and_largest(t: torch.Tensor, per_slice: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Whether all values of t are finite, and their largest magnitude; with per_slice, for each slice along dim 0.
-    From one max and one min, which propagate NaN and show +-inf: several times faster than isfinite(t).all() on
-    the weights and gradients of large models, which the guard checks at every step."""
-    flat = t.reshape(t.shape[0] if per_slice else 1, -1)
-    if flat.shape[1] == 0:
-        return torch.ones(flat.shape[0], dtype=torch.bool), torch.zeros(flat.shape[0])
-    hi, lo = flat.amax(1), flat.amin(1)
-    finite, largest = torch.isfinite(hi) & torch.isfinite(lo), torch.maximum(hi, -lo)
-    return (finite, largest) if per_slice else (finite[0], largest[0])
-
-
-def explosion_limit(source: torch.Tensor) -> float:
-    """The largest weight magnitude the guard accepts for a parameter whose source value is `source`: a
-    thousandfold its source scale (still finite beyond it, but the predictions such weights give are arbitrary)."""
-    return 1e3 * (float(source.detach().abs().max()) + 1.0)
-
-
 def build_optimizer(params: List[nn.Parameter], cfg: AdapterConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -76,27 +58,6 @@ def build_optimizer(params: List[nn.Parameter], cfg: AdapterConfig) -> torch.opt
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     check_step_fits(optimizer)
     return optimizer
-
-
-def check_step_fits(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse an optimizer whose step would overflow its parameters' dtype: torch converts lr, weight decay and
-    Adam's step size lr / (1 - beta1 ** step) (largest at the first step) to that dtype and raises half-way through
-    the step, with some parameters or moments already updated. Checked before each step, nothing changes then.
-    The declared config ranges keep float32 and bfloat16 safe; float16 (largest value 65504) needs this."""
-    for group in optimizer.param_groups:
-        lr, decay = float(group["lr"]), float(group.get("weight_decay", 0.0))
-        scalars = {"lr": lr, "weight_decay": decay}
-        if "betas" in group:
-            scalars["lr / (1 - betas[0])"] = lr / (1.0 - group["betas"][0])
-            scalars["lr * weight_decay"] = lr * decay
-        for dtype in {p.dtype for p in group["params"] if p.is_floating_point()}:
-            largest = torch.finfo(dtype).max
-            for name, value in scalars.items():
-                if not value <= largest:
-                    raise ValueError(f"the optimizer step multiplies {str(dtype).replace('torch.', '')} weights by "
-                                     f"{name} = {value:g}, beyond that type's largest value {largest:g}, which no "
-                                     "step can survive: use a smaller lr (or weight_decay), or keep the adapted "
-                                     "weights in float32")
 
 
 def check_batch(x: Any, name: str = "input") -> None:
@@ -221,7 +182,7 @@ class Adapter(nn.Module):
         """backward, step, zero_grad; with the guard on, a non-finite loss or gradient skips the update."""
         if self.cfg.guard and not torch.isfinite(loss.detach()).all():
             self.optimizer.zero_grad()
-            self._count("nonfinite_loss")
+            self.count_guard_event("nonfinite_loss")
             return False
         loss.backward()
         return self.step_guarded()
@@ -230,13 +191,10 @@ class Adapter(nn.Module):
         """The optimizer step on gradients already accumulated, then zero_grad; with the guard on, a non-finite
         gradient, or a non-finite `loss` (the value those gradients came from, when given), skips the update. For
         methods that accumulate gradients themselves before stepping."""
-        if self.cfg.guard and loss is not None and not math.isfinite(loss):
+        skipped = skipped_update(loss, (p for _, p in self.adapted)) if self.cfg.guard else None
+        if skipped:
             self.optimizer.zero_grad()
-            self._count("nonfinite_loss")
-            return False
-        if self.cfg.guard and any(p.grad is not None and not finite_and_largest(p.grad)[0] for _, p in self.adapted):
-            self.optimizer.zero_grad()
-            self._count("nonfinite_grad")
+            self.count_guard_event(skipped)
             return False
         try:
             check_step_fits(self.optimizer)  # lr or dtype changed since construction: refuse before anything moves
@@ -248,36 +206,22 @@ class Adapter(nn.Module):
         return True
 
     def diverged(self, outputs: torch.Tensor, predict: Optional[Callable[[], torch.Tensor]] = None) -> bool:
-        """Non-finite weights or outputs, exploded weights, or a collapse to one class (see collapsed)."""
-        if any(not finite_and_largest(p.detach())[0] for _, p in self.adapted) or not torch.isfinite(outputs).all():
-            self._count("diverged")
-            return True
-        if self._exploded():
-            self._count("exploded")
+        """Non-finite weights or outputs, exploded weights (tta.guard.unusable), or a collapse to one class."""
+        names, source = {id(p): n for n, p in self.named_parameters()}, self._source_state["module"]
+        why = unusable(((p, source.get(names.get(id(p)))) for _, p in self.adapted), outputs)
+        if why:
+            self.count_guard_event(why)
             return True
         if self.collapsed(outputs, predict):
-            self._count("collapsed")
+            self.count_guard_event("collapsed")
             return True
         return False
 
     def collapsed(self, outputs: torch.Tensor, predict: Optional[Callable[[], torch.Tensor]] = None) -> bool:
-        """A batch of COLLAPSE_MIN_BATCH or more class-score rows all predicted as one class, where either their mean
-        entropy is below 1e-3 (where entropy minimisation ends when it degenerates), or the source model, run by
-        `predict` on the same batch, gives no class more than half of the images (the batch holds several classes
-        as far as the source can tell, so one class for all is the adaptation's doing). Smaller batches cannot
-        tell a collapse from a batch of one class, and are never called collapsed."""
-        if not (outputs.dim() == 2 and outputs.shape[0] >= COLLAPSE_MIN_BATCH and outputs.shape[1] >= 2):
-            return False
-        predicted = outputs.argmax(1)
-        if not bool((predicted == predicted[0]).all()):
-            return False
-        probs = outputs.float().softmax(1)
-        if float(-(probs * probs.clamp_min(1e-12).log()).sum(1).mean()) < 1e-3:
-            return True
-        if predict is None or not self.adapted:  # nothing adapted: the source's own prediction
-            return False
-        source = self.predict_with_source(predict).argmax(1)
-        return int(torch.bincount(source).max()) <= source.shape[0] // 2
+        """Whether outputs show a collapse to one class (tta.guard.collapsed_to_one_class); `predict` gives the
+        prediction on the same batch, run here with the source state for the rule's comparison with the source."""
+        source = (lambda: self.predict_with_source(predict)) if predict is not None and self.adapted else None
+        return collapsed_to_one_class(outputs, source)
 
     @torch.no_grad()
     def predict_with_source(self, predict: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -294,18 +238,7 @@ class Adapter(nn.Module):
             for k, v in kept.items():
                 current[k].copy_(v)
 
-    def _exploded(self) -> bool:
-        """Weights that grew a thousandfold beyond the source's scale: still finite, but the predictions they give
-        are arbitrary (a huge learning rate reaches this long before NaN)."""
-        names = {id(p): n for n, p in self.named_parameters()}
-        source = self._source_state["module"]
-        for _, p in self.adapted:
-            p0 = source.get(names.get(id(p)))
-            if p0 is not None and float(finite_and_largest(p.detach())[1]) > explosion_limit(p0):
-                return True
-        return False
-
-    def _count(self, event: str, times: int = 1) -> None:
+    def count_guard_event(self, event: str, times: int = 1) -> None:
         if times:
             self.guard_events[event] = self.guard_events.get(event, 0) + times
 

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from typing import Iterable, Iterator, List, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .registry import unknown_name_message
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -90,3 +92,49 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
     """target <- momentum * target + (1 - momentum) * source, parameter by parameter."""
     for t, s in zip(target.parameters(), source.parameters()):
         t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+
+
+def last_layer_parameters(model: nn.Module, name: Optional[str] = None) -> List[Tuple[str, nn.Parameter]]:
+    """The final prediction layer: the projection of a CLIP zero-shot image tower, else the last Linear/Conv."""
+    modules = dict(model.named_modules())
+    if name is None:
+        for mname, m in modules.items():
+            proj = getattr(getattr(m, "visual", None), "proj", None)
+            if hasattr(m, "text_embeddings") and isinstance(proj, nn.Parameter):
+                return [(f"{mname}.visual.proj".lstrip("."), proj)]
+        layers = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        if not layers:
+            raise ValueError("adapt='last' found no Linear or Conv layer; name one with last_layer=<module name>")
+        name = layers[-1]
+    if name not in modules:
+        raise ValueError(unknown_name_message("module", name, [n for n in modules if n]))
+    prefix = f"{name}." if name else ""
+    return [(prefix + n, p) for n, p in modules[name].named_parameters()]
+
+
+def all_but_last_parameters(model: nn.Module, name: Optional[str] = None) -> List[Tuple[str, nn.Parameter]]:
+    """What the official Diffusion-TTA code adapts (diff_tta/models/build.py, load_optimizer with
+    freeze_class_embeds: True): the parameters of every leaf module (a module without children) except the last
+    one in registration order, which for the torchvision ResNets, ViTs and ConvNeXts it runs is the classification
+    layer. Parameters held by a module that has children are in no leaf and stay fixed there, so here too: a ViT's
+    class token and position embedding, ConvNeXt's layer scales, nn.MultiheadAttention's packed q/k/v projection.
+    The last leaf is the last one that holds parameters (the same on those models); `name` picks the left-out
+    module instead. A CLIP zero-shot model's last layer is its fixed text head (the official final_fc), a buffer
+    here, so every leaf of its image tower adapts, as there."""
+    modules = dict(model.named_modules())
+    if name is not None and name not in modules:
+        raise ValueError(unknown_name_message("module", name, [n for n in modules if n]))
+    leaves = [(n, m) for n, m in modules.items()
+              if next(m.children(), None) is None and next(m.parameters(recurse=False), None) is not None]
+    clip_head = any(hasattr(m, "text_embeddings") and hasattr(m, "visual") for m in modules.values())
+    if name is not None:
+        left_out = {id(p) for p in modules[name].parameters()}
+    elif clip_head:
+        left_out = set()
+    elif leaves:
+        left_out = {id(p) for p in leaves[-1][1].parameters()}
+    else:
+        raise ValueError("adapt='all_but_last' found no module holding parameters; use adapt='all'")
+    names = {id(p): n for n, p in model.named_parameters()}
+    chosen = {id(p): p for _, m in leaves for p in m.parameters(recurse=False) if id(p) not in left_out}
+    return [(names[i], p) for i, p in chosen.items()]

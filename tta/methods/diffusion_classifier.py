@@ -44,7 +44,7 @@ from ..generative.sampling import LOSSES
 from ..models.sources import MODEL_SOURCES
 from ..models.wrapper import ImageModel, check_images
 from ..registry import unknown_name_message
-from .diffusion_tta import JudgedAdapter
+from .judged import JudgedAdapter
 
 
 @dataclass

@@ -37,9 +37,6 @@ every image of a batch on its own parameter copy at once (torch.func), the same 
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Annotated, Any, Dict, List, Optional, Tuple, Union
 
@@ -47,16 +44,19 @@ import torch
 from annotated_types import Interval, doc
 from torch import nn
 
-from ..adapter import (Adapter, AdapterConfig, check_step_fits, explosion_limit, finite_and_largest,
-                       register_adapter)
-from ..config import MAX_PAIRS, Fraction, NonNegative, Pairs, Rate, Seed, Steps, make_config
+from ..adapter import AdapterConfig, register_adapter
+from ..config import MAX_PAIRS, Fraction, NonNegative, Pairs, Rate, Seed, Steps, fill_from_preset
 from ..generative.base import autocast_for, check_autocast, denoiser_prefix, named_denoiser_parameters
-from ..generative.loading import match_backend_to_model, model_task, resolve_backend
+from ..generative.loading import model_task
 from ..generative.memory import micro_batch_from_memory
 from ..generative.sampling import LOSSES, NOISE_MODES, TIMESTEP_MODES, sample_pairs
+from ..guard import check_step_fits
+from ..lora import LoRASet
 from ..models.wrapper import ImageModel
-from ..params import enable_norm_affine
+from ..params import all_but_last_parameters, enable_norm_affine, last_layer_parameters
+from ..per_example import adapt_per_example
 from ..registry import unknown_name_message
+from .judged import JudgedAdapter, device_of
 
 ADAPT_CHOICES = ("all_but_last", "all", "norm", "last", "lora")
 # Named settings, each one official configuration; a preset fills only the fields the user left unset (None).
@@ -100,11 +100,7 @@ class DiffusionTTAConfig(AdapterConfig):
     checkpointing: bool = False        # recompute the judge's activations in backward (less memory)
 
     def __post_init__(self):
-        if not isinstance(self.preset, str) or self.preset not in PRESETS:
-            raise ValueError(unknown_name_message("preset", self.preset, PRESETS))
-        for name, value in PRESETS[self.preset].items():  # before validation, so preset values are checked too
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        fill_from_preset(self, PRESETS)  # before validation, so preset values are checked too
         super().__post_init__()
         for name, value, valid in (("adapt", self.adapt, ADAPT_CHOICES), ("timesteps", self.timesteps, TIMESTEP_MODES),
                                    ("noise", self.noise, NOISE_MODES), ("loss", self.loss, LOSSES)):
@@ -117,167 +113,7 @@ class DiffusionTTAConfig(AdapterConfig):
                              "(the default preset, 'official-dit', adapts the judge)")
 
 
-# ---- LoRA: low-rank updates of attention q/v projections, applied without changing the model --------------
-class LoRA(nn.Module):
-    """delta = B @ A * alpha / rank on row blocks of one weight matrix (B starts at zero: delta starts at 0)."""
-
-    def __init__(self, weight: torch.Tensor, row_blocks: List[Tuple[int, int]], rank: int, alpha: float):
-        super().__init__()
-        self.row_blocks = row_blocks
-        self.scale = alpha / rank
-        self.A = nn.ParameterList()
-        self.B = nn.ParameterList()
-        for r0, r1 in row_blocks:
-            a = torch.empty(rank, weight.shape[1], dtype=weight.dtype, device=weight.device)
-            nn.init.kaiming_uniform_(a, a=5 ** 0.5)  # as peft and the LoRA paper's code
-            self.A.append(nn.Parameter(a))
-            self.B.append(nn.Parameter(torch.zeros(r1 - r0, rank, dtype=weight.dtype, device=weight.device)))
-
-    def delta(self, weight: torch.Tensor) -> torch.Tensor:
-        pieces, row = [], 0
-        for (r0, r1), a, b in zip(self.row_blocks, self.A, self.B):
-            if r0 > row:
-                pieces.append(weight.new_zeros(r0 - row, weight.shape[1]))
-            pieces.append(b @ a * self.scale)
-            row = r1
-        if row < weight.shape[0]:
-            pieces.append(weight.new_zeros(weight.shape[0] - row, weight.shape[1]))
-        return torch.cat(pieces)
-
-
-def lora_targets(model: nn.Module) -> Dict[str, List[Tuple[int, int]]]:
-    """Attention query and value projections: packed (nn.MultiheadAttention, timm's qkv) or separate layers."""
-    targets: Dict[str, List[Tuple[int, int]]] = {}
-    for name, m in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(m, nn.MultiheadAttention):
-            e = m.embed_dim
-            if m.in_proj_weight is not None:
-                targets[prefix + "in_proj_weight"] = [(0, e), (2 * e, 3 * e)]
-            else:
-                targets[prefix + "q_proj_weight"] = [(0, m.q_proj_weight.shape[0])]
-                targets[prefix + "v_proj_weight"] = [(0, m.v_proj_weight.shape[0])]
-        elif isinstance(m, nn.Linear):
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "qkv" and m.out_features % 3 == 0:
-                e = m.out_features // 3
-                targets[prefix + "weight"] = [(0, e), (2 * e, 3 * e)]
-            elif leaf in ("q", "v", "q_proj", "v_proj", "query", "value", "to_q", "to_v"):
-                targets[prefix + "weight"] = [(0, m.out_features)]
-    return targets
-
-
-class LoRASet(nn.Module):
-    """LoRA updates for a model, applied through torch.func.functional_call: the model itself is never modified,
-    so its state dict stays the source's and reset only has to zero these parameters' updates."""
-
-    def __init__(self, model: nn.Module, rank: int, alpha: float):
-        super().__init__()
-        targets = lora_targets(model)
-        if not targets:
-            raise ValueError("adapt='lora' adapts attention q/v projections and this model has none; "
-                             "use adapt='all', 'norm' or 'last'")
-        params = dict(model.named_parameters())
-        self.names = sorted(targets)
-        self.updates = nn.ModuleList(LoRA(params[n], targets[n], rank, alpha) for n in self.names)
-
-    def forward(self, model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        params = dict(model.named_parameters())
-        merged = {n: params[n] + lora.delta(params[n]) for n, lora in zip(self.names, self.updates)}
-        return torch.func.functional_call(model, merged, (x,), kwargs)
-
-
-def last_layer_parameters(model: nn.Module, name: Optional[str] = None) -> List[Tuple[str, nn.Parameter]]:
-    """The final prediction layer: the projection of a CLIP zero-shot image tower, else the last Linear/Conv."""
-    modules = dict(model.named_modules())
-    if name is None:
-        for mname, m in modules.items():
-            proj = getattr(getattr(m, "visual", None), "proj", None)
-            if hasattr(m, "text_embeddings") and isinstance(proj, nn.Parameter):
-                return [(f"{mname}.visual.proj".lstrip("."), proj)]
-        layers = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-        if not layers:
-            raise ValueError("adapt='last' found no Linear or Conv layer; name one with last_layer=<module name>")
-        name = layers[-1]
-    if name not in modules:
-        raise ValueError(unknown_name_message("module", name, [n for n in modules if n]))
-    prefix = f"{name}." if name else ""
-    return [(prefix + n, p) for n, p in modules[name].named_parameters()]
-
-
-def all_but_last_parameters(model: nn.Module, name: Optional[str] = None) -> List[Tuple[str, nn.Parameter]]:
-    """What the official Diffusion-TTA code adapts (diff_tta/models/build.py, load_optimizer with
-    freeze_class_embeds: True): the parameters of every leaf module (a module without children) except the last
-    one in registration order, which for the torchvision ResNets, ViTs and ConvNeXts it runs is the classification
-    layer. Parameters held by a module that has children are in no leaf and stay fixed there, so here too: a ViT's
-    class token and position embedding, ConvNeXt's layer scales, nn.MultiheadAttention's packed q/k/v projection.
-    The last leaf is the last one that holds parameters (the same on those models); `name` picks the left-out
-    module instead. A CLIP zero-shot model's last layer is its fixed text head (the official final_fc), a buffer
-    here, so every leaf of its image tower adapts, as there."""
-    modules = dict(model.named_modules())
-    if name is not None and name not in modules:
-        raise ValueError(unknown_name_message("module", name, [n for n in modules if n]))
-    leaves = [(n, m) for n, m in modules.items()
-              if next(m.children(), None) is None and next(m.parameters(recurse=False), None) is not None]
-    clip_head = any(hasattr(m, "text_embeddings") and hasattr(m, "visual") for m in modules.values())
-    if name is not None:
-        left_out = {id(p) for p in modules[name].parameters()}
-    elif clip_head:
-        left_out = set()
-    elif leaves:
-        left_out = {id(p) for p in leaves[-1][1].parameters()}
-    else:
-        raise ValueError("adapt='all_but_last' found no module holding parameters; use adapt='all'")
-    names = {id(p): n for n, p in model.named_parameters()}
-    chosen = {id(p): p for _, m in leaves for p in m.parameters(recurse=False) if id(p) not in left_out}
-    return [(names[i], p) for i, p in chosen.items()]
-
-
 # ---- the adapter ---------------------------------------------------------------------------------------------
-class JudgedAdapter(Adapter):
-    """An Adapter with a diffusion judge under `judge_prefix`. The judge is a submodule (it moves with .to()), but
-    only the parts of it that adapt are snapshotted and restored: a frozen DiT or SD judge is never copied, and an
-    adapted one has its denoiser copied, not its VAE or text encoder."""
-    judge_prefix = "backend."
-
-    def adapted_judge_prefixes(self) -> Tuple[str, ...]:
-        return ()
-
-    @classmethod
-    def load_judge(cls, model: nn.Module, cfg: Any, backend: Any, overrides: Dict[str, Any]):
-        """(config, judge): the judge from a backend= object, a backend= string or the config's `backend` field,
-        checked against the model; the config records where the judge came from, so result rows say it."""
-        config = make_config(cls.Config, cfg, overrides)
-        if isinstance(backend, (str, os.PathLike)):  # a string is the config field; an object is used as it is
-            config, backend = dataclasses.replace(config, backend=os.fspath(backend)), None
-        judge = resolve_backend(backend, config.backend, cls.name, device=_device_of(model))
-        if config.backend is None:
-            config = dataclasses.replace(config, backend=judge.source)
-        match_backend_to_model(model, judge, cls.name)
-        return config, judge
-
-    def _capture_state(self) -> Dict[str, Any]:
-        keep = self.adapted_judge_prefixes()
-        module_state = {k: v.detach().clone() for k, v in self.state_dict().items()
-                        if not k.startswith(self.judge_prefix) or k.startswith(keep)}
-        optim_state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
-        return {"module": module_state, "optimizer": optim_state}
-
-    def reset(self) -> None:
-        missing, unexpected = self.load_state_dict(self._source_state["module"], strict=False)
-        missing = [k for k in missing if not k.startswith(self.judge_prefix)]
-        if missing or unexpected:
-            raise RuntimeError(f"reset() found a changed module structure: missing {missing}, unexpected {unexpected}")
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(copy.deepcopy(self._source_state["optimizer"]))
-        self.reset_extra_state()
-
-
-def _device_of(model: nn.Module) -> Optional[torch.device]:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else None
-
-
 @register_adapter("diffusion_tta")
 class DiffusionTTA(JudgedAdapter):
     Config = DiffusionTTAConfig
@@ -308,7 +144,7 @@ class DiffusionTTA(JudgedAdapter):
             check_step_fits(self.optimizer)  # backend_lr for the judge's dtype, before anything runs
         self._generator = None
         if config.seed is not None:
-            device = _device_of(judge) or torch.device("cpu")
+            device = device_of(judge) or torch.device("cpu")
             self._generator = torch.Generator(device=device).manual_seed(config.seed)
         self._x0 = None
         self.last_loss: Optional[float] = None
@@ -440,102 +276,17 @@ class DiffusionTTA(JudgedAdapter):
         return self.predict_guarded(lambda: self.predict(x))  # the adapted model's prediction, as in the paper
 
     def adapt_per_example(self, x: torch.Tensor) -> torch.Tensor:
-        """Episodic adaptation of every image of the batch on its own copy of the adapted parameters, in one pass.
-
-        The copies are stacked along a new first dimension and the model runs once per copy through torch.func
-        (vmap over functional_call); the judge sees all images' pairs together. Each image's loss depends only on
-        its own copy, and SGD and Adam update element by element, so this is B independent episodic runs of batch
-        1 done at once (same result, fewer and larger judge calls). The model's own parameters never change; with
-        LoRA the copies are of the low-rank updates."""
-        from torch.func import functional_call, vmap
-        b = x.shape[0]
-        lora = self.cfg.adapt == "lora"
-        owner = self.lora if lora else self.model  # the module whose parameters adapt
-        named = dict(owner.named_parameters())
-        adapted = [n for n, p in named.items() if p.requires_grad]
-        copies = {n: named[n].detach().unsqueeze(0).repeat(b, *([1] * named[n].dim())).requires_grad_(True)
-                  for n in adapted}
-        fixed = {**{n: p.detach() for n, p in named.items() if n not in copies}, **dict(owner.named_buffers())}
-        optimizer = self.build_optimizer(list(copies.values()))
-        # The adapter checked the whole batch; ImageModel's own checks branch on values, which vmap cannot do.
-        unchecked = {"check": False} if isinstance(self.model, ImageModel) else {}
-
-        def one(params, image):
-            args = (self.model, image.unsqueeze(0)) if lora else (image.unsqueeze(0),)
-            return functional_call(owner, {**fixed, **params}, args, unchecked).squeeze(0)
-
-        def predict(images):
-            # Under vmap nn.MultiheadAttention cannot tell that its weights need gradients and takes its inference
-            # fast path, which has no backward: keep it on the regular path for this call.
-            fastpath = torch.backends.mha.get_fastpath_enabled()
-            torch.backends.mha.set_fastpath_enabled(False)
-            try:
-                return vmap(one)(copies, images)
-            except RuntimeError as e:  # vmap cannot batch every operation (in-place updates, data-dependent code)
-                raise RuntimeError(f"per_example=True could not run this model under torch.func.vmap ({e}); "
-                                   "use per_example=False and batches of one image") from e
-            finally:
-                torch.backends.mha.set_fastpath_enabled(fastpath)
+        """Episodic adaptation of every image of the batch on its own copy of the adapted parameters, in one pass
+        (tta.per_example): the judge sees all images' pairs together. With LoRA the copies are of the low-rank
+        updates."""
         with torch.no_grad():
             x0 = self.backend.encode(x.to(self.backend.alphas_cumprod.device))
-        with torch.enable_grad():
-            for _ in range(self.cfg.steps):
-                self.compute_gradients(x, x0, predict=predict)
-                self._step_copies(optimizer, copies, self.last_losses)
-        with torch.no_grad():
-            outputs = predict(x)
-            if self.cfg.guard:
-                bad = self._diverged_copies(copies, named, outputs)
-                if bad.any():  # as a batch-1 run's guard does: those images get the source model's prediction
-                    outputs[bad] = self.predict(x[bad]).to(outputs.dtype)
-            return outputs
 
-    # ---- the divergence guard, image by image, for the per-example copies --------------------------------------
-    def _step_copies(self, optimizer: torch.optim.Optimizer, copies: Dict[str, torch.Tensor],
-                     losses: torch.Tensor) -> None:
-        """The optimizer step on the stacked copies. With the guard on, an image whose loss or gradient is not
-        finite keeps its parameters and optimizer state, as the guard of a batch-1 run skips that run's update
-        (exactly so for SGD; Adam's step count is shared by the copies, so a skip shifts that image's bias
-        correction)."""
-        bad = torch.zeros_like(losses, dtype=torch.bool)
-        if self.cfg.guard:
-            bad_loss = ~torch.isfinite(losses)
-            bad |= bad_loss
-            for p in copies.values():
-                if p.grad is not None:
-                    bad |= ~finite_and_largest(p.grad, per_slice=True)[0]
-            self._count("nonfinite_loss", int(bad_loss.sum()))
-            self._count("nonfinite_grad", int((bad & ~bad_loss).sum()))
-        if not bad.any():  # the usual case (and always without the guard): a plain step
-            optimizer.step()
-            optimizer.zero_grad()
-            return
-        kept = {}
-        for p in copies.values():
-            state = {k: v[bad].clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v) and v.dim() > 0}
-            kept[p] = (p.detach()[bad].clone(), state)
-            if p.grad is not None:
-                p.grad[bad] = 0  # so a NaN cannot reach the other images through shared optimizer arithmetic
-        optimizer.step()
-        optimizer.zero_grad()
-        with torch.no_grad():
-            for p, (value, state) in kept.items():
-                p[bad] = value
-                for k, v in optimizer.state[p].items():
-                    if torch.is_tensor(v) and v.dim() > 0:
-                        # state made by this step (the first): a skipped image has none yet, which is zeros
-                        v[bad] = state[k] if k in state else 0
-
-    def _diverged_copies(self, copies: Dict[str, torch.Tensor], source: Dict[str, torch.Tensor],
-                         outputs: torch.Tensor) -> torch.Tensor:
-        """Per image: non-finite weights or outputs, or weights that grew a thousandfold beyond the source's scale
-        (Adapter.diverged's checks for a batch of one; a collapse needs a batch of 16 or more)."""
-        bad = ~finite_and_largest(outputs, per_slice=True)[0]
-        exploded = torch.zeros_like(bad)
-        for name, p in copies.items():
-            finite, largest = finite_and_largest(p.detach(), per_slice=True)
-            bad |= ~finite
-            exploded |= largest > explosion_limit(source[name])
-        self._count("diverged", int(bad.sum()))
-        self._count("exploded", int((exploded & ~bad).sum()))
-        return bad | exploded
+        def step(predict):
+            self.compute_gradients(x, x0, predict=predict)
+            return self.last_losses
+        lora = self.cfg.adapt == "lora"
+        # The adapter checked the whole batch; ImageModel's own checks branch on values, which vmap cannot do.
+        unchecked = {"check": False} if isinstance(self.model, ImageModel) else {}
+        return adapt_per_example(self, x, step, self.lora if lora else self.model, self.predict,
+                                 lead=(self.model,) if lora else (), call_kwargs=unchecked)

@@ -1,0 +1,60 @@
+"""The base of the methods that hold a diffusion judge (diffusion_tta, diffusion_classifier): loading the judge from
+a backend= argument or the config's `backend` field, and a snapshot that leaves a frozen judge out. Not a method
+itself: nothing is registered here."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..adapter import Adapter
+from ..config import make_config
+from ..generative.loading import match_backend_to_model, resolve_backend
+
+
+class JudgedAdapter(Adapter):
+    """An Adapter with a diffusion judge under `judge_prefix`. The judge is a submodule (it moves with .to()), but
+    only the parts of it that adapt are snapshotted and restored: a frozen DiT or SD judge is never copied, and an
+    adapted one has its denoiser copied, not its VAE or text encoder."""
+    judge_prefix = "backend."
+
+    def adapted_judge_prefixes(self) -> Tuple[str, ...]:
+        return ()
+
+    @classmethod
+    def load_judge(cls, model: nn.Module, cfg: Any, backend: Any, overrides: Dict[str, Any]):
+        """(config, judge): the judge from a backend= object, a backend= string or the config's `backend` field,
+        checked against the model; the config records where the judge came from, so result rows say it."""
+        config = make_config(cls.Config, cfg, overrides)
+        if isinstance(backend, (str, os.PathLike)):  # a string is the config field; an object is used as it is
+            config, backend = dataclasses.replace(config, backend=os.fspath(backend)), None
+        judge = resolve_backend(backend, config.backend, cls.name, device=device_of(model))
+        if config.backend is None:
+            config = dataclasses.replace(config, backend=judge.source)
+        match_backend_to_model(model, judge, cls.name)
+        return config, judge
+
+    def _capture_state(self) -> Dict[str, Any]:
+        keep = self.adapted_judge_prefixes()
+        module_state = {k: v.detach().clone() for k, v in self.state_dict().items()
+                        if not k.startswith(self.judge_prefix) or k.startswith(keep)}
+        optim_state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
+        return {"module": module_state, "optimizer": optim_state}
+
+    def reset(self) -> None:
+        missing, unexpected = self.load_state_dict(self._source_state["module"], strict=False)
+        missing = [k for k in missing if not k.startswith(self.judge_prefix)]
+        if missing or unexpected:
+            raise RuntimeError(f"reset() found a changed module structure: missing {missing}, unexpected {unexpected}")
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(self._source_state["optimizer"]))
+        self.reset_extra_state()
+
+
+def device_of(model: nn.Module) -> Optional[torch.device]:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else None
