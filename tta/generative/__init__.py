@@ -14,3 +14,4 @@ from .dit import DiTBackend  # noqa: F401
 from .stable_diffusion import StableDiffusionBackend  # noqa: F401
 from .loading import JUDGE_SOURCES, create_backend, detect_kind, list_backends  # noqa: F401
 from .classifier import PRUNING_PRESETS, DiffusionClassifier, fit_temperature  # noqa: F401
+from .classifier_model import DiffusionClassifierModel  # noqa: F401  (registers the diffusion: model source)

@@ -149,6 +149,11 @@ def fit_temperature(errors: torch.Tensor, labels: torch.Tensor, iterations: int 
     return math.exp(-best)
 
 
+# The DiffusionClassifier arguments a config or a `diffusion:` model name may set (the rest is the backend's).
+CLASSIFIER_OPTIONS = ("preset", "keep", "samples", "loss", "temperature", "micro_batch", "n_trials", "seed",
+                      "autocast")
+
+
 class DiffusionClassifier(nn.Module):
     """A zero-shot classifier from a diffusion backend: [0, 1] images (B, C, H, W) -> (B, K) logits."""
 

@@ -20,8 +20,8 @@ template as `prompt` to match the authors' prompts; their per-class names and se
 reproduced.
 
 Two faces of one scorer (tta.generative.classifier.DiffusionClassifier):
-- a model source, `tta.create_model("diffusion:<kind>@<folder or hub id>")`, an nn.Module from [0, 1] images
-  to (B, K) logits;
+- a model source (tta.generative.classifier_model), `tta.create_model("diffusion:<kind>@<folder or hub id>")`,
+  an nn.Module from [0, 1] images to (B, K) logits;
 - a method for comparisons, `tta.create_adapter("diffusion_classifier", model, backend=...)`: it ignores the
   wrapped discriminative model's prediction (it only borrows its class names, for text-conditioned judges)
   and has no trainable parameters.
@@ -29,7 +29,7 @@ Two faces of one scorer (tta.generative.classifier.DiffusionClassifier):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, List, Optional, Sequence, Tuple, Union
+from typing import Annotated, Any, List, Optional, Tuple, Union
 
 import torch
 from annotated_types import Interval
@@ -37,12 +37,10 @@ from torch import nn
 
 from ..adapter import AdapterConfig, register_adapter
 from ..config import MAX_PAIRS, Pairs, Positive, Seed, Steps
-from ..generative.base import BACKENDS, check_autocast
-from ..generative.classifier import PRUNING_PRESETS, DiffusionClassifier, resolve_loss, resolve_schedule
-from ..generative.loading import create_backend
+from ..generative.base import check_autocast
+from ..generative.classifier import (CLASSIFIER_OPTIONS, PRUNING_PRESETS, DiffusionClassifier, resolve_loss,
+                                     resolve_schedule)
 from ..generative.sampling import LOSSES
-from ..models.sources import MODEL_SOURCES
-from ..models.wrapper import ImageModel, check_images
 from ..registry import unknown_name_message
 from .judged import JudgedAdapter
 
@@ -75,10 +73,6 @@ class DiffusionClassifierConfig(AdapterConfig):
         self.autocast = check_autocast(self.autocast)
 
 
-CLASSIFIER_OPTIONS = ("preset", "keep", "samples", "loss", "temperature", "micro_batch", "n_trials", "seed",
-                      "autocast")
-
-
 @register_adapter("diffusion_classifier")
 class DiffusionClassifierAdapter(JudgedAdapter):
     Config = DiffusionClassifierConfig
@@ -97,41 +91,3 @@ class DiffusionClassifierAdapter(JudgedAdapter):
     def adapt_and_predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.classifier(x)
-
-
-@MODEL_SOURCES.register("diffusion")
-def diffusion_model(name: str, pretrained: bool = True, weights=None, class_names: Optional[Sequence[str]] = None,
-                    **kwargs) -> ImageModel:
-    """`diffusion:<kind>@<folder or hub id>` (or `diffusion:<folder>`, kind read from its files): the Diffusion
-    Classifier as a model. Classifier options (preset, keep, samples, loss, temperature, micro_batch, n_trials,
-    seed, autocast) and backend options (prompt, torch_dtype, ...) are keyword arguments."""
-    if not pretrained or weights is not None:
-        raise ValueError("the diffusion source loads a trained judge from its folder or hub id "
-                         "(diffusion:<kind>@<path>); pretrained=False and weights= do not apply")
-    kind, sep, path = name.partition("@")
-    spec = f"{kind}:{path}" if sep and kind in BACKENDS else name
-    options = {k: kwargs.pop(k) for k in CLASSIFIER_OPTIONS if k in kwargs}
-    backend_options = {"class_names": class_names} if class_names is not None else {}
-    backend = create_backend(spec, **backend_options, **kwargs)
-    classifier = DiffusionClassifier(backend, **options)
-    c = backend.image_channels
-    return DiffusionClassifierModel(classifier, (0.0,) * c, (1.0,) * c, backend.class_names,
-                                    (c, *backend.image_size), name=f"diffusion:{name}")
-
-
-class DiffusionClassifierModel(ImageModel):
-    """What the `diffusion:` source returns: an ImageModel over a DiffusionClassifier, with the classifier's
-    temperature and its calibration on the model itself."""
-    one_example_per_call = True  # it scores image by image anyway (see Adapter.one_example_per_call)
-
-    @property
-    def temperature(self) -> float:
-        return self.net.temperature
-
-    def calibrate(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 16) -> float:
-        """Fit and set the temperature of the logits (-error / temperature) on held-out labelled [0, 1] images, so
-        softmax(logits) are calibrated probabilities; returns it. Predictions (the argmax) do not change. Refused
-        with a ValueError, the temperature unchanged, when the fit is degenerate: fewer than
-        MIN_CALIBRATION_IMAGES images, or every image already classified right (tta.generative.fit_temperature)."""
-        check_images(images, self.input_size[0])
-        return self.net.calibrate(self.normalize(images), labels, batch_size)
