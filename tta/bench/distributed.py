@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 4 -m tta bench benchmarks/quick.yaml --out results/quick.jsonl
     torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port 29500 --nproc_per_node 8 -m tta bench ...
 
-When WORLD_SIZE > 1, `tta bench` runs a `ShardedRunner` on every rank (gloo process group from the env vars):
+When WORLD_SIZE > 1, `tta bench` runs a `Runner` on every rank (gloo process group from the env vars) with this
+rank's share of the work (`RankShare`) and its own row sink (`RankSink`):
 
 - episodic streams are sharded by example: rank r runs batches r, r + W, r + 2W, ... of every domain (batches
   of the seeded order, so each batch holds the same images as in a single-process run) and writes a *shard
@@ -39,14 +40,14 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from ..data.streams import StreamBatch, domain_order
 from .metrics import merge_meters
 from .results import ResultStore, append_row, row_key, run_lock
-from .runner import Job, Runner, thin_curve
+from .runner import Job, RowOrigin, Runner, ShardPolicy, thin_curve
 
 SHARD_FIELD = "shard"          # in rank rows of episodic shards: {"rank", "world_size", "meter", "batches"}
 ORDER_FIELD = "_order"         # in rank rows: [job index, domain index], to write the merged file in plan order
@@ -155,44 +156,55 @@ class RankStore(ResultStore):
         return True
 
 
-# ---- the runner of one rank ---------------------------------------------------------------------------------
-class ShardedRunner(Runner):
-    """Runner of rank `rank` of `world_size`: runs its units, writes its rows to its rank file (see module doc)."""
+# ---- which rows a rank computes -------------------------------------------------------------------------------
+class RankShare(ShardPolicy):
+    """Rank `rank` of `world_size`: a share of every episodic domain's batches, and whole units of the other
+    settings dealt round-robin over the ranks in plan order (see the module doc)."""
 
-    def __init__(self, spec, out, rank: int, world_size: int, **kwargs):
-        super().__init__(spec, out, **kwargs)
+    def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
-        self.out = Path(out)
-        self.merged = self.store  # --out, read for resuming; only rank 0 writes it, in merge()
-        self.rank_path = rank_file(out, rank)
-        self.store = RankStore(self.rank_path, set(), set())
-        self._owner = self._deal_units()
-        self._batch_log: List[Dict[str, Any]] = []
-        self._domain_list: List = []
 
-    def run(self) -> Dict[str, int]:
-        return self._run()  # run_distributed holds the locks, from before the ranks exchange their keys
+    def runs(self, jobs: List[Job], j: int, k: int) -> bool:
+        if jobs[j].setting == "episodic":
+            return True  # every rank runs its batches of every domain
+        # (job index, domain index) for reset_per_shift, (job index, None) for a whole stream -> a unit number;
+        # the domain count is not known before the data is built, so domain k of job j is unit (first of j) + k
+        unit = sum(1 for job in jobs[:j] if job.setting != "episodic")
+        return (unit + (k if jobs[j].setting == "reset_per_shift" else 0)) % self.world_size == self.rank
 
-    # ---- who runs what ----
-    def _deal_units(self) -> Dict[Tuple[int, Optional[int]], int]:
-        """(job index, domain index or None for a whole stream) -> rank, round-robin in plan order."""
-        owner, unit = {}, 0
-        for j, job in enumerate(self.jobs):
-            if job.setting == "episodic":
-                continue
-            if job.setting == "reset_per_shift":
-                # the domain count is not known before the data is built; domain k of job j is unit (j, k)
-                owner[(j, "per_domain")] = unit
-                unit += 1
-            else:
-                owner[(j, None)] = unit % self.world_size
-                unit += 1
-        return owner
+    def batches(self, job: Job, domains, k: int, shuffle: bool, num_workers: int) -> Iterator[StreamBatch]:
+        if job.setting != "episodic":
+            yield from super().batches(job, domains, k, shuffle, num_workers)
+            return
+        d = domains[k]
+        order = domain_order(len(d.dataset), job.seed, shuffle)
+        chunks = [order[i:i + job.batch_size] for i in range(0, len(order), job.batch_size)]
+        mine = list(range(self.rank, len(chunks), self.world_size))
+        if not mine:
+            return
+        from torch.utils.data import DataLoader, Subset
+        # Only the last chunk can be short, and it is last in `mine` too: batching the concatenation gives back
+        # exactly this rank's chunks.
+        loader = DataLoader(Subset(d.dataset, [i for b in mine for i in chunks[b]]), batch_size=job.batch_size,
+                            shuffle=False, num_workers=num_workers)
+        for b, (x, y) in zip(mine, loader):
+            yield StreamBatch(x, y, torch.full((len(x),), k, dtype=torch.long), True, b,
+                              torch.as_tensor(chunks[b], dtype=torch.long))
 
-    def _owns(self, j: int, job: Job, k: int) -> bool:
-        if job.setting == "reset_per_shift":
-            return (self._owner[(j, "per_domain")] + k) % self.world_size == self.rank
-        return self._owner[(j, None)] == self.rank
+
+# ---- where a rank's rows go ------------------------------------------------------------------------------------
+class RankSink:
+    """The row sink of one rank: its own file (RankStore). A row counts as done when --out (`merged`, read here
+    and written only by rank 0's merge) or any rank's file has it, or, for an episodic shard, when this rank's
+    shard of it at this world size is in any rank file. Episodic rows are written as shard rows that carry the
+    meter's state and the batches run, for the merge."""
+
+    def __init__(self, store: RankStore, merged: ResultStore, rank: int, world_size: int):
+        self.store, self.merged = store, merged
+        self.rank, self.world_size = rank, world_size
+
+    def session(self) -> ContextManager[None]:
+        return contextlib.nullcontext()  # run_distributed holds the locks, from before the ranks exchange keys
 
     def exchange_keys(self) -> None:
         """Every rank learns the full keys of --out (rank 0's) and the keys of every rank's file."""
@@ -206,103 +218,57 @@ class ShardedRunner(Runner):
             self.store.known_shards.update(shards)
             self.store.merged_keys.update(merged)
 
-    def _missing(self, job: Job, domains) -> List[bool]:
-        j = self.jobs.index(job)
-        out = []
-        for k, d in enumerate(domains):
-            key = row_key(self._row_base(job, d))
-            if key in self.store.known_full or key in self.merged or key in self.store.keys:
-                out.append(False)
-            elif job.setting == "episodic":
-                skey = shard_key(key, self.world_size, self.rank)
-                out.append(skey not in self.store.shard_keys and skey not in self.store.known_shards)
-            else:
-                out.append(self._owns(j, job, k))
-        return out
+    def has(self, row: Dict[str, Any]) -> bool:
+        key = row_key(row)
+        if key in self.store.known_full or key in self.merged or key in self.store.keys:
+            return True
+        if row["setting"] != "episodic":
+            return False
+        skey = shard_key(key, self.world_size, self.rank)
+        return skey in self.store.shard_keys or skey in self.store.known_shards
 
-    # ---- episodic shards ----
-    def _domain_batches(self, job: Job, domains, k: int) -> Iterator[StreamBatch]:
-        self._batch_log = []
-        if job.setting != "episodic":
-            yield from super()._domain_batches(job, domains, k)
-            return
-        d = domains[k]
-        order = domain_order(len(d.dataset), job.seed, self.spec.shuffle)
-        chunks = [order[i:i + job.batch_size] for i in range(0, len(order), job.batch_size)]
-        mine = list(range(self.rank, len(chunks), self.world_size))
-        if not mine:
-            return
-        from torch.utils.data import DataLoader, Subset
-        # Only the last chunk can be short, and it is last in `mine` too: batching the concatenation gives back
-        # exactly this rank's chunks.
-        loader = DataLoader(Subset(d.dataset, [i for b in mine for i in chunks[b]]), batch_size=job.batch_size,
-                            shuffle=False, num_workers=self.num_workers)
-        for b, (x, y) in zip(mine, loader):
-            labelled = int((y >= 0).sum()) if y.dim() == 1 else None
-            self._batch_log.append({"index": b, "n": len(x), "labelled": labelled, "seconds": 0.0})
-            yield StreamBatch(x, y, torch.full((len(x),), k, dtype=torch.long), True, b,
-                              torch.as_tensor(chunks[b], dtype=torch.long))
-
-    def _step(self, adapter, x):
-        out, seconds = super()._step(adapter, x)
-        if self._batch_log:
-            self._batch_log[-1]["seconds"] = round(seconds, 6)
-        return out, seconds
-
-    def _run_domains(self, job, adapter, domains, ks, task, bars) -> int:
-        self._domain_list = domains
-        return super()._run_domains(job, adapter, domains, ks, task, bars)
-
-    def _run_mixed(self, job, adapter, domains, task, bars) -> int:
-        self._domain_list = domains
-        return super()._run_mixed(job, adapter, domains, task, bars)
-
-    def _write(self, job, domain, meter, curve, batches, model_s, wall_s, task, guard_events=None) -> int:
-        k = next(i for i, d in enumerate(self._domain_list) if d is domain)
-        extra: Dict[str, Any] = {ORDER_FIELD: [self.jobs.index(job), k]}
-        if job.setting == "episodic":
-            correct = getattr(meter, "correct", None)
-            log, start = copy.deepcopy(self._batch_log), 0
+    def write(self, row: Dict[str, Any], origin: RowOrigin) -> bool:
+        extra: Dict[str, Any] = {ORDER_FIELD: [origin.job, origin.domain]}
+        if row["setting"] == "episodic":
+            correct = getattr(origin.meter, "correct", None)
+            log, start = copy.deepcopy(origin.batches), 0
             for b in log:  # correct predictions per batch, for the merged running-accuracy curve
                 if isinstance(correct, list) and b["labelled"] is not None:
                     b["correct"] = int(sum(correct[start:start + b["labelled"]]))
                     start += b["labelled"]
-            extra[SHARD_FIELD] = {"rank": self.rank, "world_size": self.world_size, "meter": meter.state(),
+            extra[SHARD_FIELD] = {"rank": self.rank, "world_size": self.world_size, "meter": origin.meter.state(),
                                   "batches": log}
-        append = self.store.append
-        self.store.append = lambda row: append({**row, **extra})
-        try:
-            return super()._write(job, domain, meter, curve, batches, model_s, wall_s, task, guard_events)
-        finally:
-            self.store.append = append
+        return self.store.append({**row, **extra})
 
-    # ---- merging (rank 0) ----
-    def merge(self, rows: List[Dict[str, Any]]) -> Dict[str, int]:
-        """Write to --out every full row and every complete set of shards that it lacks, in plan order."""
-        full: Dict[str, Dict[str, Any]] = {}
-        shards: Dict[Tuple[str, int], Dict[int, Dict[str, Any]]] = {}
-        for r in rows:
-            key = row_key(r)
-            if key in self.merged:
-                continue
-            shard = r.get(SHARD_FIELD)
-            if shard:
-                shards.setdefault((key, shard["world_size"]), {})[shard["rank"]] = r
-            else:
-                full.setdefault(key, r)
-        for (key, world), group in sorted(shards.items(), key=lambda kv: kv[0][1] != self.world_size):
-            if key in full or len(group) != world:
-                continue
-            full[key] = merge_shard_rows(list(group.values()))
-            full[key][ORDER_FIELD] = group[0][ORDER_FIELD] if 0 in group else None
-        incomplete = {key for key, _ in shards if key not in full}
-        if incomplete:
-            warnings.warn(f"{len(incomplete)} row(s) have shards missing and were not merged; rerun to finish them")
-        written = 0
-        for key, r in sorted(full.items(), key=lambda kv: kv[1].get(ORDER_FIELD) or [1 << 30, 0]):
-            r = {k: v for k, v in r.items() if k not in (ORDER_FIELD, SHARD_FIELD)}
-            written += int(self.merged.append(r))
-        return {"merged": written, "incomplete": len(incomplete)}
+
+# ---- merging (rank 0) ------------------------------------------------------------------------------------------
+def merge_into(merged: ResultStore, rows: List[Dict[str, Any]], world_size: int) -> Dict[str, int]:
+    """Write to `merged` (--out) every full row and every complete set of shards that it lacks, in plan order;
+    shards of this run's world size are merged first."""
+    full: Dict[str, Dict[str, Any]] = {}
+    shards: Dict[Tuple[str, int], Dict[int, Dict[str, Any]]] = {}
+    for r in rows:
+        key = row_key(r)
+        if key in merged:
+            continue
+        shard = r.get(SHARD_FIELD)
+        if shard:
+            shards.setdefault((key, shard["world_size"]), {})[shard["rank"]] = r
+        else:
+            full.setdefault(key, r)
+    for (key, world), group in sorted(shards.items(), key=lambda kv: kv[0][1] != world_size):
+        if key in full or len(group) != world:
+            continue
+        full[key] = merge_shard_rows(list(group.values()))
+        full[key][ORDER_FIELD] = group[0][ORDER_FIELD] if 0 in group else None
+    incomplete = {key for key, _ in shards if key not in full}
+    if incomplete:
+        warnings.warn(f"{len(incomplete)} row(s) have shards missing and were not merged; rerun to finish them")
+    written = 0
+    for key, r in sorted(full.items(), key=lambda kv: kv[1].get(ORDER_FIELD) or [1 << 30, 0]):
+        r = {k: v for k, v in r.items() if k not in (ORDER_FIELD, SHARD_FIELD)}
+        written += int(merged.append(r))
+    return {"merged": written, "incomplete": len(incomplete)}
 
 
 def run_distributed(spec, out, **runner_kwargs) -> Dict[str, int]:
@@ -327,16 +293,16 @@ def _run_distributed(spec, out, env: DistEnv, **runner_kwargs) -> Dict[str, int]
         torch.cuda.set_device(env.local_rank)
     if env.rank != 0:
         runner_kwargs["progress"] = False
-    runner = ShardedRunner(spec, out, env.rank, env.world_size, **runner_kwargs)
-    runner.exchange_keys()
+    sink = RankSink(RankStore(rank_file(out, env.rank), set(), set()), ResultStore(out), env.rank, env.world_size)
+    runner = Runner(spec, out, shard=RankShare(env.rank, env.world_size), sink=sink, **runner_kwargs)
+    sink.exchange_keys()
     summary = runner.run()
     dist.barrier()
     gathered: Optional[List[Any]] = [None] * env.world_size if env.rank == 0 else None
     # only what --out lacks travels (a rank file keeps every row it ever wrote)
-    dist.gather_object([r for r in runner.store.rows() if row_key(r) not in runner.store.merged_keys], gathered,
-                       dst=0)
+    dist.gather_object([r for r in sink.store.rows() if row_key(r) not in sink.store.merged_keys], gathered, dst=0)
     if env.rank == 0:
-        summary.update(runner.merge([r for rows in gathered for r in rows]))
+        summary.update(merge_into(sink.merged, [r for rows in gathered for r in rows], env.world_size))
     dist.barrier()
     dist.destroy_process_group()
     summary.update({"rank": env.rank, "world_size": env.world_size})

@@ -7,21 +7,22 @@ are seeded per episodic batch and per reset_per_shift domain, so a row computed 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, ContextManager, Dict, Iterator, List, Optional, Protocol
 
 import torch
 from torch.utils.data import Subset
 
-from ..data.streams import Domain, iterate_domain, iterate_stream
+from ..data.streams import Domain, StreamBatch, iterate_domain, iterate_stream
 from ..devices import check_device
 from .datasets import BuildContext, build_domains
-from .metrics import make_meter
+from .metrics import Meter, make_meter
 from .results import (ResultStore, config_id, device_description, file_sha256, git_revision, package_versions,
                       row_key, run_lock)
 from .fields import expand_path
@@ -164,14 +165,76 @@ def thin_curve(curve: List[List[float]]) -> List[List[float]]:
     return [curve[i] for i in keep]
 
 
+# ---- which rows a runner computes, and where they go ----------------------------------------------------------
+class ShardPolicy:
+    """Which rows this process computes, and which batches of a domain it runs: all of them, in one process.
+    tta.bench.distributed deals them out over the ranks of a torchrun."""
+
+    def runs(self, jobs: List[Job], j: int, k: int) -> bool:
+        """Whether this process computes domain k of jobs[j] (when its row is missing)."""
+        return True
+
+    def batches(self, job: Job, domains: List[Domain], k: int, shuffle: bool,
+                num_workers: int) -> Iterator[StreamBatch]:
+        """The batches of domain k that this process runs for `job` (not for the mixed setting)."""
+        return iterate_domain(domains, k, job.setting, job.batch_size, job.seed, shuffle, num_workers)
+
+
+@dataclass
+class RowOrigin:
+    """What a row was computed from, beyond its own fields: for sinks that keep more than the row."""
+    job: int                        # index in Runner.jobs
+    domain: int                     # index in the run's domain list
+    meter: Meter
+    # per batch of a per-domain stream, in the order run: its index in the domain, n, labelled (None for dense
+    # targets) and model seconds; empty for the mixed setting
+    batches: List[Dict[str, Any]]
+
+
+class RowSink(Protocol):
+    """Where a runner's rows go, and which rows are done already (a rerun skips them)."""
+
+    def session(self) -> ContextManager[None]:
+        """Held while the runner runs."""
+
+    def has(self, row: Dict[str, Any]) -> bool:
+        """Whether `row` (its key fields) is done."""
+
+    def write(self, row: Dict[str, Any], origin: RowOrigin) -> bool:
+        """Keep `row`; False when it was there already."""
+
+
+class ResultsFile:
+    """The row sink of one process: the JSON-lines results file, which also says which rows are done."""
+
+    def __init__(self, out):
+        self.store = ResultStore(out)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Held while a runner runs: a second run on the same file at the same time is refused (ResultsBusyError)
+        rather than computing and writing every row again."""
+        with run_lock(self.store.path):
+            self.store.reload()  # rows a run that finished since we opened the file has written
+            yield
+
+    def has(self, row: Dict[str, Any]) -> bool:
+        return row_key(row) in self.store
+
+    def write(self, row: Dict[str, Any], origin: RowOrigin) -> bool:
+        return self.store.append(row)
+
+
 class Runner:
     def __init__(self, spec: BenchmarkSpec, out, methods: Optional[List[str]] = None, limit: Optional[int] = None,
                  device: Optional[str] = None, data_root: Optional[str] = None, download: bool = False,
                  progress: bool = True, num_workers: Optional[int] = None, allow_code: bool = False,
-                 on_error: str = "raise"):
+                 on_error: str = "raise", shard: Optional[ShardPolicy] = None, sink: Optional[RowSink] = None):
         """`allow_code` lets the benchmark's `factory:` fields call functions outside tta.bench.factories's
         allowed packages: give it only for a file you trust, as a factory runs code. `on_error="skip"` drops
-        unreadable image files (each row records how many in domain_info.skipped_files)."""
+        unreadable image files (each row records how many in domain_info.skipped_files). `shard` says which rows
+        and batches this process computes (default: all), `sink` where its rows go and which are done (default:
+        the results file `out`); tta.bench.distributed gives both for a rank of a torchrun."""
         if data_root is not None:
             spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, root=str(data_root)))
         if limit is not None and limit < 1:
@@ -182,7 +245,8 @@ class Runner:
         self.allow_code = allow_code
         self.on_error = on_error
         self.spec = spec
-        self.store = ResultStore(out)
+        self.shard = shard if shard is not None else ShardPolicy()
+        self.sink = sink if sink is not None else ResultsFile(out)
         self.jobs = plan_jobs(spec, selected)
         self.limit = limit
         self.written = 0  # rows this run has written so far (read after an interruption)
@@ -213,15 +277,17 @@ class Runner:
                     "severity": domain.severity})
         return row
 
-    def _missing(self, job: Job, domains: List[Domain]) -> List[bool]:
-        return [row_key(self._row_base(job, d)) not in self.store for d in domains]
+    def _missing(self, j: int, domains: List[Domain]) -> List[bool]:
+        """Per domain, whether this process is to compute its row of jobs[j]: not done yet, and its share."""
+        job = self.jobs[j]
+        return [not self.sink.has(self._row_base(job, d)) and self.shard.runs(self.jobs, j, k)
+                for k, d in enumerate(domains)]
 
     # ---- running -------------------------------------------------------------------------------------------
     def run(self) -> Dict[str, int]:
         """Run every job; returns counts of rows written and skipped. A second run on the same results file at the
         same time is refused (ResultsBusyError) rather than computing and writing every row again."""
-        with run_lock(self.store.path):
-            self.store.reload()  # rows a run that finished since we opened the file has written
+        with self.sink.session():
             return self._run()
 
     def _run(self) -> Dict[str, int]:
@@ -242,20 +308,21 @@ class Runner:
             raise ValueError("the data section yields no domains; list corruptions or set clean: true")
 
         todo = []
-        for job in self.jobs:
-            missing = self._missing(job, domains)
+        for j, job in enumerate(self.jobs):
+            missing = self._missing(j, domains)
             if not any(missing):
                 continue
             replay = job.setting in ("continual", "mixed")
             run_domains = list(range(len(domains))) if replay else [k for k, m in enumerate(missing) if m]
-            todo.append((job, run_domains))
+            todo.append((j, run_domains))
         skipped = sum(len(domains) for _ in self.jobs) - sum(sum(self._missing(j, domains)) for j, _ in todo)
-        total = sum(-(-len(_limited(domains, job.method.limit)[k].dataset) // job.batch_size)
-                    for job, ks in todo for k in ks)
+        total = sum(-(-len(_limited(domains, self.jobs[j].method.limit)[k].dataset) // self.jobs[j].batch_size)
+                    for j, ks in todo for k in ks)
         bars = _Progress(total, self.progress)
         written = 0
         try:
-            for job, ks in todo:
+            for j, ks in todo:
+                job = self.jobs[j]
                 torch.manual_seed(job.seed)
                 domains = _limited(all_domains, job.method.limit)
                 if spec.model.per_domain:
@@ -264,7 +331,7 @@ class Runner:
                         torch.manual_seed(domain_seed(job.seed, k))  # whatever building the model draws
                         model = spec.model.build(d.class_names, d.templates, allow_code=self.allow_code).eval()
                         adapter = self._adapter(job, model)
-                        written += self._run_domains(job, adapter, domains, [k], model.task, bars)
+                        written += self._run_domains(j, adapter, domains, [k], model.task, bars)
                         del adapter, model
                 else:
                     # A method may bring its own model (e.g. it3 needs a network trained to take y as input).
@@ -273,9 +340,9 @@ class Runner:
                     adapter = self._adapter(job, model)
                     own_task = getattr(model, "task", None) or task  # a slot model is scored as object discovery
                     if job.setting == "mixed":
-                        written += self._run_mixed(job, adapter, domains, own_task, bars)
+                        written += self._run_mixed(j, adapter, domains, own_task, bars)
                     else:
-                        written += self._run_domains(job, adapter, domains, ks, own_task, bars)
+                        written += self._run_domains(j, adapter, domains, ks, own_task, bars)
                     del adapter
         finally:
             bars.close()
@@ -300,13 +367,13 @@ class Runner:
         _sync(self.device)
         return out.detach(), time.perf_counter() - start
 
-    def _run_domains(self, job: Job, adapter, domains: List[Domain], ks: List[int], task: str, bars) -> int:
-        written = 0
+    def _run_domains(self, j: int, adapter, domains: List[Domain], ks: List[int], task: str, bars) -> int:
+        job, written = self.jobs[j], 0
         classes = len(adapter.model.class_names) if getattr(adapter.model, "class_names", None) else None
         for k in ks:
             d = domains[k]
             meter = self._meter(d, task, classes)
-            curve, model_s, batches = [], 0.0, 0
+            curve, model_s, batches, log = [], 0.0, 0, []
             events_before = dict(getattr(adapter, "guard_events", {}))
             bar = bars.domain(-(-len(d.dataset) // job.batch_size), f"{job.method.label} {job.setting} {d.label}")
             start = time.perf_counter()
@@ -314,7 +381,7 @@ class Runner:
                 # Each domain starts from the source model, and from a random state of its own: a resumed run or
                 # a torchrun rank that computes only this domain draws what the uninterrupted run drew.
                 torch.manual_seed(domain_seed(job.seed, k))
-            for batch in self._domain_batches(job, domains, k):
+            for batch in self.shard.batches(job, domains, k, self.spec.shuffle, self.num_workers):
                 if batch.reset and job.setting != "episodic":  # episodic adapters reset themselves after each call
                     adapter.reset()
                 if job.setting == "episodic":
@@ -324,6 +391,9 @@ class Runner:
                     torch.manual_seed(episode_seed(job.seed, k, batch.index))
                 out, seconds = self._step(adapter, batch.x)
                 meter.update(out, batch.y, batch.ids)
+                log.append({"index": batch.index, "n": len(batch.x),
+                            "labelled": int((batch.y >= 0).sum()) if batch.y.dim() == 1 else None,
+                            "seconds": round(seconds, 6)})
                 model_s += seconds
                 batches += 1
                 curve.append([batches, meter.n, meter.running(), round(model_s, 4)])
@@ -332,15 +402,13 @@ class Runner:
                     bars.overall.update()
             if bar is not None:
                 bar.close()
-            written += self._write(job, d, meter, curve, batches, model_s, time.perf_counter() - start, task,
+            written += self._write(RowOrigin(j, k, meter, log), d, curve, batches, model_s,
+                                   time.perf_counter() - start, task,
                                    _new_events(events_before, getattr(adapter, "guard_events", {})))
         return written
 
-    def _domain_batches(self, job: Job, domains: List[Domain], k: int):
-        """The batches of domain k for `job` (tta.bench.distributed keeps a rank's share of them)."""
-        return iterate_domain(domains, k, job.setting, job.batch_size, job.seed, self.spec.shuffle, self.num_workers)
-
-    def _run_mixed(self, job: Job, adapter, domains: List[Domain], task: str, bars) -> int:
+    def _run_mixed(self, j: int, adapter, domains: List[Domain], task: str, bars) -> int:
+        job = self.jobs[j]
         classes = len(adapter.model.class_names) if getattr(adapter.model, "class_names", None) else None
         meters = [self._meter(d, task, classes) for d in domains]
         curves: List[List[list]] = [[] for _ in domains]
@@ -363,11 +431,12 @@ class Runner:
             bar.close()
         wall = time.perf_counter() - start
         # In a mixed stream the time is shared: each domain's row carries the whole stream's time.
-        return sum(self._write(job, d, meters[k], curves[k], batches[k], model_s, wall, task)
+        return sum(self._write(RowOrigin(j, k, meters[k], []), d, curves[k], batches[k], model_s, wall, task)
                    for k, d in enumerate(domains))
 
-    def _write(self, job: Job, domain: Domain, meter, curve, batches: int, model_s: float, wall_s: float,
+    def _write(self, origin: RowOrigin, domain: Domain, curve, batches: int, model_s: float, wall_s: float,
                task: str, guard_events: Optional[Dict[str, int]] = None) -> int:
+        job, meter = self.jobs[origin.job], origin.meter
         row = self._row_base(job, domain)
         row.update({
             "guard_events": guard_events or {},  # divergence-guard interventions during this domain
@@ -381,7 +450,7 @@ class Runner:
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **self.provenance,
         })
-        written = int(self.store.append(row))
+        written = int(self.sink.write(row, origin))
         self.written += written
         return written
 
