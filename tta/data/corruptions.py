@@ -2,7 +2,8 @@
 `imagecorruptions-imaug` library: the 15 standard corruptions plus 4 extra, severities 1 to 5."""
 from __future__ import annotations
 
-from typing import List, Optional
+import contextlib
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -54,10 +55,8 @@ def corrupt_array(image: np.ndarray, name: str, severity: int, seed: Optional[in
 def corrupt_images(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.Tensor:
     """A (B, C, H, W) batch in [0, 1] -> its corrupted copy. Seeded: the same call gives the same images."""
     check_corruption(name, severity)
-    state = np.random.get_state()
-    np.random.seed(seed)  # the library draws from numpy's global generator
-    try:
-        out = []
+    out = []
+    with numpy_global_seed(seed):
         for img in images.detach().cpu():
             arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             arr = arr[..., 0] if arr.shape[2] == 1 else arr
@@ -66,6 +65,20 @@ def corrupt_images(images: torch.Tensor, name: str, severity: int, seed: int = 0
             res = torch.from_numpy(corrupt_array(arr, name, severity, own_seed))
             res = res[None] if res.dim() == 2 else res.permute(2, 0, 1)
             out.append(res.float() / 255)
+    return torch.stack(out).to(images.device)
+
+
+@contextlib.contextmanager
+def numpy_global_seed(seed: int) -> Iterator[None]:
+    """numpy's global generator seeded with `seed` inside the block, and put back as it was on exit.
+
+    imagecorruptions draws its noise from numpy's global generator and takes no generator of its own, so the only
+    way to seed it is to seed that one; putting it back leaves the caller's own numpy draws as they would have been
+    without the corruption. (A local Generator would change every corrupted image, and the committed results and
+    corruption caches depend on them bit for bit.)"""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
     finally:
         np.random.set_state(state)
-    return torch.stack(out).to(images.device)
