@@ -1,4 +1,7 @@
-"""The contract every adapter keeps, checked for every registered method."""
+"""The contract every adapter keeps, checked for every registered method (test_isolation checks reset() and episodes).
+
+Methods are picked by kind (fixtures.KINDS), never by a list of names, so a new method joins every check of its kind.
+"""
 import copy
 
 import pytest
@@ -7,15 +10,13 @@ import torch
 import tta
 from tta.params import norm_layers
 
-from conftest import FAST, model_and_config, tiny_model
-
-ENTROPY_BASED = {"tent", "eata", "sar", "cotta", "memo"}
+from fixtures import FAST, KINDS, make_adapter, methods, tiny_model
 
 
 def expected_trainable(name, model, cfg):
     """What each method's paper says adapts, derived here independently of the method code."""
     norm_affine = {f"{ln}.{pn}" for ln, layer in norm_layers(model) for pn, _ in layer.named_parameters()}
-    if name in ("source", "norm", "diffusion_classifier"):
+    if name in methods("statistics") + ["diffusion_classifier"]:
         return set()
     if name in ("tent", "eata"):
         return norm_affine
@@ -27,17 +28,16 @@ def expected_trainable(name, model, cfg):
     pytest.skip(f"{name} declares its trainable set in its own tests")
 
 
-def make(name, **kw):
-    model = tiny_model(sharpness=20.0)
-    return model, tta.create_adapter(name, model, **{**FAST.get(name, {}), **kw})
+BASELINES = methods("baseline")
 
 
-BASELINES = [n for n in tta.list_adapters() if n in {"source", "norm", "tent", "eata", "sar", "cotta", "memo"}]
+def test_every_registered_method_says_what_kind_it_is():
+    assert set(KINDS) == set(tta.list_adapters()), "list a new method's kinds in tests/fixtures.py KINDS"
 
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_output_shape_and_finite(name, images):
-    _, adapter = make(name)
+    _, adapter = make_adapter(name)
     out = adapter(images)
     assert out.shape == (8, 5)
     assert torch.isfinite(out).all()
@@ -46,7 +46,7 @@ def test_output_shape_and_finite(name, images):
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_trainable_set_is_what_the_method_claims(name, images):
-    model, adapter = make(name, lr=0.05, episodic=False)
+    model, adapter = make_adapter(name, lr=0.05, episodic=False)
     expected = expected_trainable(name, model, adapter.cfg)
     assert set(adapter.adapted_names) == expected
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
@@ -59,42 +59,8 @@ def test_trainable_set_is_what_the_method_claims(name, images):
 
 
 @pytest.mark.parametrize("name", BASELINES)
-def test_reset_is_bit_exact(name, images):
-    model, adapter = make(name, lr=0.05, steps=2, episodic=False)
-    source = copy.deepcopy(model.state_dict())
-    for _ in range(3):
-        adapter(images)
-    adapter.reset()
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, source[k]), f"{name}: {k} differs after reset()"
-    if adapter.optimizer is not None:
-        assert not adapter.optimizer.state, "optimizer state (momentum, Adam moments) must be cleared"
-    # after reset the adapter behaves exactly as a fresh one
-    fresh_model = tiny_model(sharpness=20.0)
-    fresh = tta.create_adapter(name, fresh_model, **{**FAST.get(name, {}), "lr": 0.05, "steps": 2, "episodic": False})
-    torch.manual_seed(5)
-    a = adapter(images)
-    torch.manual_seed(5)
-    b = fresh(images)
-    assert torch.allclose(a, b, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", BASELINES)
-def test_episodic_mode_leaves_the_model_unchanged(name, images):
-    model, adapter = make(name, lr=0.05, episodic=True)
-    source = copy.deepcopy(model.state_dict())
-    first = adapter(images)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, source[k]), f"{name}: {k} leaked out of an episode"
-    torch.manual_seed(0)
-    again = adapter(images)
-    if name not in ("memo", "cotta"):  # random augmentations make those two differ run to run
-        assert torch.allclose(first, again, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", BASELINES)
 def test_adapts_under_no_grad(name, images):
-    _, adapter = make(name)
+    _, adapter = make_adapter(name)
     with torch.no_grad():
         out = adapter(images)
     assert torch.isfinite(out).all()
@@ -113,7 +79,7 @@ def test_memo_dense_logits(images):
     assert adapter(images[:2]).shape == (2, 5, 16, 16)
 
 
-@pytest.mark.parametrize("name", sorted(ENTROPY_BASED))
+@pytest.mark.parametrize("name", methods("entropy"))
 def test_entropy_methods_refuse_regression_outputs(name, images):
     model = tiny_model(num_classes=1, dense=True, task="depth")
     adapter = tta.create_adapter(name, model, **FAST.get(name, {}))
@@ -121,7 +87,7 @@ def test_entropy_methods_refuse_regression_outputs(name, images):
         adapter(images[:2])
 
 
-@pytest.mark.parametrize("name", ["source", "norm"])
+@pytest.mark.parametrize("name", methods("statistics"))
 def test_statistics_methods_take_regression_outputs(name, images):
     adapter = tta.create_adapter(name, tiny_model(num_classes=1, dense=True, task="depth"))
     assert adapter(images).shape == (8, 1, 16, 16)
@@ -157,28 +123,3 @@ def test_sar_recovers_the_source_model_on_collapse(images):
     sar(images)
     assert sar.recoveries >= 1
     assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())
-
-
-@pytest.mark.parametrize("name", tta.list_adapters())
-def test_every_adapter_resets_exactly_and_isolates_episodes(name):
-    """For every registered method, on a model it accepts: the trainable set is the adapted set, only it
-    changes, reset() is bit-exact, and an episodic call leaves every weight as it was."""
-    model, config, batch = model_and_config(name, episodic=False)
-    source = copy.deepcopy(model.state_dict())
-    adapter = tta.create_adapter(name, model, **config)
-    adapted = set(adapter.adapted_names)
-    # Diffusion-TTA's default (the official DiT setting) also adapts its judge, named "backend.<name>".
-    judge = getattr(adapter, "backend", None)
-    judge_adapted = {f"backend.{n}" for n, p in judge.named_parameters() if p.requires_grad} if judge else set()
-    assert judge_adapted <= adapted
-    adapted -= judge_adapted
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == adapted
-    out = adapter(batch)
-    assert torch.isfinite(out).all()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(source[n], p)}
-    assert changed <= adapted
-    adapter.reset()
-    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items()), f"{name}: reset() is not exact"
-    episodic = tta.create_adapter(name, model, **{**config, "episodic": True})
-    episodic(batch)
-    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items()), f"{name}: an episode leaked"

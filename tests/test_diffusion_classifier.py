@@ -7,58 +7,15 @@ import torch
 
 import tta
 import tta.methods.diffusion_classifier  # noqa: F401  (registers the method and the model source)
-from tta.generative import DiffusionBackend, DiffusionClassifier, fit_temperature, timestep_grid
+from tta.generative import DiffusionClassifier, fit_temperature, timestep_grid
 from tta.generative.classifier import PRUNING_PRESETS
 
-from conftest import tiny_model
-from test_generative import save_dit_judge, save_pixel_judge, save_sd_judge
+from fixtures import gaussian_problem, save_dit_judge, save_pixel_judge, save_sd_judge, tiny_model
 
 diffusers = pytest.importorskip("diffusers")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
-
-
-class GaussianJudge(DiffusionBackend):
-    """Data x0 ~ N(mu_c, s^2 I) per class: the optimal noise prediction is known in closed form,
-    E[eps | x_t, c] = sqrt(1 - a) (x_t - sqrt(a) mu_c) / (a s^2 + 1 - a)."""
-    conditioning = "class"
-
-    def __init__(self, means, s):
-        super().__init__(diffusers.DDPMScheduler(num_train_timesteps=1000), means.shape[-2:], means.shape[1],
-                         [f"c{i}" for i in range(means.shape[0])])
-        self.register_buffer("means", means)
-        self.s2 = s ** 2
-        self.encodes = 0
-        self.predictions = 0
-
-    @property
-    def denoiser(self):
-        return self
-
-    def encode(self, images):
-        self.encodes += 1
-        return images * 2 - 1
-
-    def condition(self, weights):
-        return torch.einsum("bk,kchw->bchw", weights, self.means)
-
-    def class_condition(self, labels):
-        return self.means[labels]
-
-    def predict_noise(self, x_t, t, cond):
-        self.predictions += 1
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return (1 - a).sqrt() * (x_t - a.sqrt() * cond) / (a * self.s2 + 1 - a)
-
-
-def gaussian_problem(k=10, s=0.15, n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    means = torch.rand(k, 3, 4, 4, generator=g) - 0.5           # x0 space ([-1, 1])
-    labels = torch.randint(0, k, (n,), generator=g)
-    x0 = (means[labels] + s * torch.randn(n, 3, 4, 4, generator=g)).clamp(-1, 1)
-    bayes = torch.cdist(x0.flatten(1), means.flatten(1)).argmin(1)  # equal priors and variances: nearest mean
-    return GaussianJudge(means, s), (x0 + 1) / 2, bayes
 
 
 def test_picks_the_bayes_optimal_class():

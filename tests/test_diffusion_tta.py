@@ -1,5 +1,5 @@
-"""Diffusion-TTA: what adapts, the loss against an independent re-implementation, episodic restoration, and the
-classifier / CLIP / segmentation / depth paths with tiny judges loaded from folders."""
+"""Diffusion-TTA: what adapts, the loss against an independent re-implementation, and the classifier / CLIP /
+segmentation / depth paths with tiny judges loaded from folders (test_isolation checks episodes and reset())."""
 import copy
 import json
 
@@ -11,8 +11,7 @@ import tta
 import tta.methods.diffusion_tta  # noqa: F401  (registers the method before tta.methods imports it)
 from tta.params import norm_layers
 
-from conftest import tiny_model
-from test_generative import save_map_judge, save_pixel_judge, save_sd_judge
+from fixtures import save_map_judge, save_pixel_judge, save_sd_judge, tiny_model
 
 diffusers = pytest.importorskip("diffusers")
 FAST = {"pairs": 6, "micro_batch": 4, "steps": 1}
@@ -43,7 +42,7 @@ def expected_params(adapt, model):
         return {f"{ln}.{pn}" for ln, layer in norm_layers(model) for pn, _ in layer.named_parameters()}
     if adapt == "all_but_last":  # the official default: every layer but the classification layer
         return {n for n, _ in model.named_parameters()} - {"net.head.3.weight", "net.head.3.bias"}
-    return {"net.head.3.weight", "net.head.3.bias"}  # the classification layer of conftest's TinyNet
+    return {"net.head.3.weight", "net.head.3.bias"}  # the classification layer of fixtures' TinyNet
 
 
 @pytest.mark.parametrize("adapt", ["all_but_last", "all", "norm", "last"])
@@ -97,39 +96,6 @@ def test_one_step_equals_the_papers_loss(pixel_judge, images):
             expected = p - lr * p.grad  # SGD with momentum: the first step's buffer is the gradient
             assert torch.allclose(q, expected, atol=1e-6), name
     assert any(not torch.equal(p, q) for p, q in zip(source.parameters(), model.parameters()))
-
-
-@pytest.mark.parametrize("adapt_backend", [False, True])
-def test_episodic_run_leaves_classifier_and_judge_bit_identical(pixel_judge, images, adapt_backend):
-    model = tiny_model()
-    adapter = tta.create_adapter("diffusion_tta", model, backend=pixel_judge, adapt_backend=adapt_backend,
-                                 steps=2, pairs=4, micro_batch=2, lr=0.5)
-    model_state = copy.deepcopy(model.state_dict())
-    judge_state = copy.deepcopy(adapter.backend.state_dict())
-    with torch.no_grad():
-        source_out = model(images)
-    out = adapter(images)
-    assert out.shape == (2, 5) and not out.requires_grad
-    assert not torch.allclose(out, source_out), "the prediction comes from the adapted model"
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, model_state[k]), k
-    for k, v in adapter.backend.state_dict().items():
-        assert torch.equal(v, judge_state[k]), k
-    assert not adapter.optimizer.state
-
-
-def test_online_mode_keeps_adapting_and_reset_restores(pixel_judge, images):
-    model = tiny_model()
-    adapter = tta.create_adapter("diffusion_tta", model, backend=pixel_judge, episodic=False, adapt_backend=True,
-                                 steps=1, pairs=4, micro_batch=4, lr=0.5)
-    model_state = copy.deepcopy(model.state_dict())
-    judge_state = copy.deepcopy(adapter.backend.state_dict())
-    adapter(images)
-    assert any(not torch.equal(v, model_state[k]) for k, v in model.state_dict().items())
-    assert any(not torch.equal(v, judge_state[k]) for k, v in adapter.backend.state_dict().items())
-    adapter.reset()
-    assert all(torch.equal(v, model_state[k]) for k, v in model.state_dict().items())
-    assert all(torch.equal(v, judge_state[k]) for k, v in adapter.backend.state_dict().items())
 
 
 def test_backend_from_a_folder_string_config_or_object(pixel_judge, images):

@@ -10,7 +10,7 @@ from tta.generative import memory
 from tta.generative.loading import create_backend
 from tta.generative.base import autocast_for, check_autocast, cpu_has_native_bf16
 
-from test_generative import save_pixel_judge
+from fixtures import save_pixel_judge
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
@@ -245,7 +245,7 @@ def test_per_example_guards_every_image_as_its_own_run_would(judge, fixed_draws,
 def test_checkpointing_a_dit_judge_keeps_the_soft_labels(tmp_path):
     """DiT's label tables sit inside its checkpointed blocks: the blocks' re-run during backward must embed the
     same soft labels (the bug: hooks that had already been removed, so the re-run saw other tensors and failed)."""
-    from test_generative import save_dit_judge
+    from fixtures import save_dit_judge
     dit = create_backend(save_dit_judge(tmp_path / "dit", num_classes=5))
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     steps = []

@@ -1,10 +1,8 @@
 """Diffusion backends: loading through diffusers' from_pretrained, soft conditions, sampling, errors.
 
-The tiny random judges built here are saved with save_pretrained and re-loaded through create_backend, so the
-real loading path runs; the other generative test files import the builders.
+The tiny random judges (fixtures.py) are saved with save_pretrained and re-loaded through create_backend, so the
+real loading path runs.
 """
-import json
-import os
 
 import pytest
 import torch
@@ -12,109 +10,12 @@ import torch
 import tta.generative as gen
 from tta.generative.sampling import subgrid_positions
 
+from fixtures import save_dit_judge, save_map_judge, save_pixel_judge, save_sd_judge
+
 diffusers = pytest.importorskip("diffusers")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
-
-
-# ---- tiny judges -------------------------------------------------------------------------------------------------
-def tiny_scheduler(cls_name="DDPMScheduler"):
-    return getattr(diffusers, cls_name)(num_train_timesteps=1000)
-
-
-def save_pixel_judge(folder, num_classes=5, size=16, channels=3, seed=0, flat=False, class_names=None):
-    """A class-conditional UNet2DModel judge, in the DDPMPipeline layout (or flat)."""
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                                 num_class_embeds=num_classes)
-    if flat:
-        unet.save_pretrained(folder)
-        tiny_scheduler().save_pretrained(folder)
-    else:
-        diffusers.DDPMPipeline(unet=unet, scheduler=tiny_scheduler()).save_pretrained(folder)
-    if class_names is not None:
-        with open(os.path.join(folder, "tta_backend.json"), "w") as f:
-            json.dump({"class_names": list(class_names)}, f)
-    return str(folder)
-
-
-def save_map_judge(folder, map_channels=5, size=16, channels=3, seed=0, map_kind=None, map_range=None):
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DModel(sample_size=size, in_channels=channels + map_channels, out_channels=channels,
-                                 layers_per_block=1, block_out_channels=(8, 16),
-                                 down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
-    diffusers.DDPMPipeline(unet=unet, scheduler=tiny_scheduler()).save_pretrained(folder)
-    meta = {k: v for k, v in (("map_kind", map_kind), ("map_range", map_range)) if v is not None}
-    if meta:
-        with open(os.path.join(folder, "tta_backend.json"), "w") as f:
-            json.dump(meta, f)
-    return str(folder)
-
-
-def tiny_vae():
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                                   down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2,
-                                   latent_channels=4, norm_num_groups=4, sample_size=16)
-
-
-def save_dit_judge(folder, num_classes=5, seed=0):
-    """A DiTPipeline folder: 2-layer DiT on 4x4x4 latents of a 2x-downsampling VAE (8x8 images)."""
-    torch.manual_seed(seed)
-    transformer = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4,
-                                                  out_channels=8, num_layers=2, sample_size=4, patch_size=2,
-                                                  num_embeds_ada_norm=num_classes)
-    diffusers.DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=tiny_scheduler("DDIMScheduler")
-                          ).save_pretrained(folder)
-    index_file = os.path.join(folder, "model_index.json")
-    with open(index_file) as f:
-        index = json.load(f)
-    index["id2label"] = {str(i): f"thing{i}, synonym" for i in range(num_classes)}  # as the hub's DiT repos
-    with open(index_file, "w") as f:
-        json.dump(index, f)
-    return str(folder)
-
-
-def _byte_vocab():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in cs:
-        vocab.setdefault(chr(c), len(vocab))
-    for c in cs:
-        vocab.setdefault(chr(c) + "</w>", len(vocab))
-    return vocab
-
-
-def save_sd_judge(folder, seed=0, prediction_type="epsilon"):
-    """A StableDiffusionPipeline folder with a character-level CLIP tokenizer and a 1-layer text encoder."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    vocab = _byte_vocab()
-    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=77, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                          block_out_channels=(8, 16),
-                                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                          cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
-    scheduler = diffusers.PNDMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, steps_offset=1,
-                                        skip_prk_steps=True)
-    diffusers.StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                      scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                      requires_safety_checker=False).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="session")
@@ -197,10 +98,10 @@ def test_no_forward_hooks_are_left_behind(judges, kind):
     with pytest.raises(RuntimeError):  # also on error: a wrong-width condition fails inside the hooked call
         backend.predict_noise(x0, torch.tensor([1]), torch.randn(1, 3))
     backend.denoising_error(x0, backend.class_condition(torch.tensor([0])), torch.tensor([1]), torch.randn_like(x0))
-    if kind == "dit":  # DiT keeps its hooks (gradient checkpointing re-runs blocks in backward): no entry outlives
-        import gc      # its call, and a native call with integer labels is untouched
+    if kind == "dit":  # DiT's hooks live as long as the call's labels (gradient checkpointing re-runs blocks in
+        import gc      # backward), and no longer
         gc.collect()
-        assert backend._soft_labels._outputs == {}
+        assert not any(m._forward_hooks for m in backend.label_tables())
         x_t, labels = torch.randn(2, *x0.shape[1:]), torch.tensor([0, 3])
         hooked = backend.transformer(x_t, timestep=torch.tensor([5, 5]), class_labels=labels).sample
         for m in backend.modules():

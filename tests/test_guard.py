@@ -4,10 +4,10 @@ import torch
 
 import tta
 
-from conftest import FAST, tiny_model
+from fixtures import FAST, methods, model_and_config, tiny_model
 
 
-@pytest.mark.parametrize("name", ["tent", "eata", "sar", "cotta", "memo"])
+@pytest.mark.parametrize("name", methods("entropy"))
 def test_pathological_learning_rate_never_does_worse_than_the_unadapted_model(name):
     torch.manual_seed(0)
     x = torch.rand(16, 3, 16, 16)
@@ -40,10 +40,9 @@ def test_nonfinite_loss_skips_the_update():
     assert all(torch.equal(a, p) for a, (_, p) in zip(before, adapter.adapted))
 
 
-@pytest.mark.parametrize("name", ["it3", "slow_inference", "ttt_mae", "diffusion_tta"])
+@pytest.mark.parametrize("name", methods("own_loop"))
 def test_nonfinite_gradients_skip_the_update_in_methods_with_their_own_loop(name):
     """Methods that run their own step loop go through the guard too: a NaN gradient never reaches the weights."""
-    from conftest import model_and_config
     model, config, batch = model_and_config(name, episodic=False, steps=1)
     adapter = tta.create_adapter(name, model, **config)
     before = {n: p.detach().clone() for n, p in adapter.adapted}
@@ -54,12 +53,11 @@ def test_nonfinite_gradients_skip_the_update_in_methods_with_their_own_loop(name
     assert all(torch.equal(before[n], p) for n, p in adapter.adapted)
 
 
-@pytest.mark.parametrize("name", ["it3", "slow_inference", "ttt_mae", "diffusion_tta"])
+@pytest.mark.parametrize("name", methods("own_loop"))
 def test_methods_that_predict_after_their_loop_fall_back_to_the_source_when_they_diverge(name):
     """A pathological learning rate blows the weights up; the prediction made after the loop is then the source
     model's (diffusion_tta and slow_inference once predicted from the blown-up weights)."""
     import copy
-    from conftest import model_and_config
     model, config, batch = model_and_config(name, episodic=False, steps=2)
     reference = tta.create_adapter(name, copy.deepcopy(model), **{**config, "steps": 0})(batch[:1])
     adapter = tta.create_adapter(name, model, **{**config, "lr": 1e12, "optimizer": "sgd"})
@@ -81,14 +79,10 @@ def test_finite_and_largest_sees_every_kind_of_non_finite_value():
 
 
 # ---- a huge but finite learning rate ---------------------------------------------------------------------------
-OPTIMIZING = ["tent", "eata", "sar", "cotta", "memo", "it3", "diffusion_tta"]
-
-
 @pytest.mark.parametrize("optimizer, lr", [("adam", 1e38), ("sgd", 1e39)])
-@pytest.mark.parametrize("name", OPTIMIZING)
+@pytest.mark.parametrize("name", methods("optimizing"))
 def test_a_learning_rate_no_step_survives_is_refused_before_anything_runs(name, optimizer, lr):
     """Once: 'value cannot be converted to type float without overflow' half-way through the first step."""
-    from conftest import model_and_config
     model, config, _ = model_and_config(name)
     with pytest.raises(ValueError, match=r"lr must be a number in \[0, 1e\+12\], got 1e\+3[89]"):
         tta.create_adapter(name, model, **{**config, "optimizer": optimizer, "lr": lr})

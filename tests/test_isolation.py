@@ -1,5 +1,7 @@
-"""No state leaks: after an episodic run every method leaves the classifier (and an adapted diffusion judge) bit
-for bit as it found it, and online adaptation never writes to the checkpoint files the weights came from."""
+"""No state leaks: reset() is bit-exact, after an episodic run every method leaves the classifier (and an adapted
+diffusion judge) bit for bit as it found it, and online adaptation never writes to the checkpoint files the weights
+came from."""
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -10,7 +12,9 @@ import torch
 import tta
 from tta.generative import create_backend
 
-from conftest import _tiny_judge_folder, model_and_config
+from fixtures import FAST, make_adapter, methods, model_and_config, tiny_judge_folder, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def state(module):
@@ -26,8 +30,31 @@ def assert_bit_identical(before, after, what):
 SLOW = ("slow_inference", "ttt_mae")  # one step is enough to move their weights
 
 
+# ---- every registered method ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", tta.list_adapters())
-def test_episodic_runs_leave_the_classifier_bit_identical(name):
+def test_every_adapter_resets_exactly_and_isolates_episodes(name):
+    """For every registered method, on a model it accepts: the trainable set is the adapted set, only it
+    changes, reset() is bit-exact, and episodic calls leave every weight as it was."""
+    model, config, batch = model_and_config(name, episodic=False)
+    source = copy.deepcopy(model.state_dict())
+    adapter = tta.create_adapter(name, model, **config)
+    adapted = set(adapter.adapted_names)
+    # Diffusion-TTA's default (the official DiT setting) also adapts its judge, named "backend.<name>".
+    judge = getattr(adapter, "backend", None)
+    judge_adapted = {f"backend.{n}" for n, p in judge.named_parameters() if p.requires_grad} if judge else set()
+    assert judge_adapted <= adapted
+    adapted -= judge_adapted
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == adapted
+    out = adapter(batch)
+    assert torch.isfinite(out).all()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(source[n], p)}
+    assert changed <= adapted
+    adapter.reset()
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items()), f"{name}: reset() is not exact"
+    episodic = tta.create_adapter(name, model, **{**config, "episodic": True})
+    episodic(batch)
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items()), f"{name}: an episode leaked"
+    # Episodes in a row, on a fresh model, leave it as it was from construction on.
     model, config, batch = model_and_config(name, episodic=True, **({"steps": 1} if name in SLOW else {}))
     source = state(model)
     adapter = tta.create_adapter(name, model, **config)
@@ -38,8 +65,77 @@ def test_episodic_runs_leave_the_classifier_bit_identical(name):
     assert_bit_identical(source, state(adapter.model), name)
 
 
+# ---- the baselines, step by step -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", methods("baseline"))
+def test_reset_is_bit_exact(name, images):
+    model, adapter = make_adapter(name, lr=0.05, steps=2, episodic=False)
+    source = copy.deepcopy(model.state_dict())
+    for _ in range(3):
+        adapter(images)
+    adapter.reset()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, source[k]), f"{name}: {k} differs after reset()"
+    if adapter.optimizer is not None:
+        assert not adapter.optimizer.state, "optimizer state (momentum, Adam moments) must be cleared"
+    # after reset the adapter behaves exactly as a fresh one
+    fresh_model = tiny_model(sharpness=20.0)
+    fresh = tta.create_adapter(name, fresh_model, **{**FAST.get(name, {}), "lr": 0.05, "steps": 2, "episodic": False})
+    torch.manual_seed(5)
+    a = adapter(images)
+    torch.manual_seed(5)
+    b = fresh(images)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", methods("baseline"))
+def test_episodic_mode_leaves_the_model_unchanged(name, images):
+    model, adapter = make_adapter(name, lr=0.05, episodic=True)
+    source = copy.deepcopy(model.state_dict())
+    first = adapter(images)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, source[k]), f"{name}: {k} leaked out of an episode"
+    torch.manual_seed(0)
+    again = adapter(images)
+    if name not in ("memo", "cotta"):  # random augmentations make those two differ run to run
+        assert torch.allclose(first, again, atol=1e-6)
+
+
+# ---- Diffusion-TTA's judge -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("adapt_backend", [False, True])
+def test_episodic_diffusion_tta_leaves_classifier_and_judge_bit_identical(images, adapt_backend):
+    model, images = tiny_model(), images[:2]
+    adapter = tta.create_adapter("diffusion_tta", model, backend=tiny_judge_folder(), adapt_backend=adapt_backend,
+                                 steps=2, pairs=4, micro_batch=2, lr=0.5)
+    model_state = copy.deepcopy(model.state_dict())
+    judge_state = copy.deepcopy(adapter.backend.state_dict())
+    with torch.no_grad():
+        source_out = model(images)
+    out = adapter(images)
+    assert out.shape == (2, 5) and not out.requires_grad
+    assert not torch.allclose(out, source_out), "the prediction comes from the adapted model"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, model_state[k]), k
+    for k, v in adapter.backend.state_dict().items():
+        assert torch.equal(v, judge_state[k]), k
+    assert not adapter.optimizer.state
+
+
+def test_online_diffusion_tta_keeps_adapting_and_reset_restores_classifier_and_judge(images):
+    model, images = tiny_model(), images[:2]
+    adapter = tta.create_adapter("diffusion_tta", model, backend=tiny_judge_folder(), episodic=False,
+                                 adapt_backend=True, steps=1, pairs=4, micro_batch=4, lr=0.5)
+    model_state = copy.deepcopy(model.state_dict())
+    judge_state = copy.deepcopy(adapter.backend.state_dict())
+    adapter(images)
+    assert any(not torch.equal(v, model_state[k]) for k, v in model.state_dict().items())
+    assert any(not torch.equal(v, judge_state[k]) for k, v in adapter.backend.state_dict().items())
+    adapter.reset()
+    assert all(torch.equal(v, model_state[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, judge_state[k]) for k, v in adapter.backend.state_dict().items())
+
+
 def test_episodic_diffusion_tta_leaves_an_adapted_judge_bit_identical():
-    folder = _tiny_judge_folder()
+    folder = tiny_judge_folder()
     on_disk = state(create_backend(folder))
     model, config, batch = model_and_config("diffusion_tta", episodic=True, adapt_backend=True, lr=1e-2)
     source = state(model)
@@ -99,7 +195,7 @@ def test_online_adaptation_never_touches_the_weights_file(tmp_path, suffix):
 
 
 def test_online_judge_adaptation_never_touches_the_judge_folder():
-    folder = Path(_tiny_judge_folder())
+    folder = Path(tiny_judge_folder())
     before = fingerprint(folder)
     model, config, batch = model_and_config("diffusion_tta", episodic=False, adapt_backend=True, lr=1e-2)
     adapter = tta.create_adapter("diffusion_tta", model, **config)

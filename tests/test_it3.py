@@ -10,7 +10,7 @@ import tta.methods.it3  # noqa: F401  (registers "it3" until the package imports
 from tta.methods.it3 import idempotence_loss, jensen_shannon
 from tta.nets import IT3Net, it3_training_loss
 
-from conftest import tiny_model
+from fixtures import tiny_model
 
 
 def classifier(seed=0, num_classes=5):

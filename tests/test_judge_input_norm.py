@@ -7,7 +7,7 @@ import torch
 
 from tta.generative import create_backend
 from tta.generative.base import STANDARD_IMAGE_STD, normalise_judge_input
-from test_generative import save_pixel_judge
+from fixtures import save_pixel_judge
 
 
 def test_per_image_normalisation_removes_brightness_and_contrast():

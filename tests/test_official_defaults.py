@@ -16,8 +16,7 @@ from tta.generative import DiffusionClassifier
 from tta.methods.diffusion_tta import PRESETS, DiffusionTTAConfig, all_but_last_parameters
 from tta.models.sources import CLIPZeroShot
 
-from test_diffusion_classifier import gaussian_problem
-from test_generative import save_pixel_judge
+from fixtures import gaussian_problem, save_pixel_judge
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
@@ -159,7 +158,7 @@ def test_classifier_preset_loss_is_the_loss_that_scores():
 
 
 def test_classifier_adapter_records_the_presets_loss(pixel_judge):
-    from conftest import tiny_model
+    from fixtures import tiny_model
     adapter = tta.create_adapter("diffusion_classifier", tiny_model(), backend=pixel_judge, preset="pets")
     assert adapter.cfg.loss == "l1" and adapter.classifier.loss == "l1"
     explicit = tta.create_adapter("diffusion_classifier", tiny_model(), backend=pixel_judge, preset="pets", loss="l2")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tta
-from test_generative import save_pixel_judge
+from fixtures import save_pixel_judge
 
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "run.py"
 

@@ -8,9 +8,7 @@ import torch
 
 import tta
 
-from conftest import FAST, tiny_model
-
-BATCH_STATISTICS = ["norm", "tent", "eata", "sar", "cotta"]  # the methods whose batch-norm layers run in train mode
+from fixtures import FAST, methods, tiny_model
 
 
 def snapshot(adapter):
@@ -25,7 +23,7 @@ def unchanged(adapter, before):
     assert optimizer == before[1] and events == before[2]
 
 
-@pytest.mark.parametrize("name", BATCH_STATISTICS)
+@pytest.mark.parametrize("name", methods("batch_statistics"))  # their batch-norm layers run in train mode
 def test_an_image_too_small_for_the_network_changes_nothing(name):
     adapter = tta.create_adapter(name, tta.create_model("zoo:fmnist-cnn"), **FAST.get(name, {}))
     adapter(torch.rand(4, 1, 28, 28))  # some adapted state to keep
@@ -36,7 +34,7 @@ def test_an_image_too_small_for_the_network_changes_nothing(name):
     unchanged(adapter, before)
 
 
-@pytest.mark.parametrize("name", ["tent", "eata", "sar", "cotta"])
+@pytest.mark.parametrize("name", methods("entropy", "batch_statistics"))
 def test_outputs_that_are_not_class_scores_are_refused_without_a_trace(name):
     """A one-channel (regression) model runs before the entropy methods can tell it is not a classifier."""
     adapter = tta.create_adapter(name, tiny_model(num_classes=1), **FAST.get(name, {}))

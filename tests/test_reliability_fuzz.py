@@ -22,7 +22,7 @@ from tta.adapter import ADAPTERS, make_config
 from tta.bench.runner import plan_jobs
 from tta.bench.spec import load_spec, parse_spec
 
-from conftest import FAST, _tiny_judge_folder, tiny_model
+from fixtures import FAST, methods, tiny_judge_folder, tiny_model
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -106,7 +106,7 @@ def test_image_model_names_the_size_it_was_built_for():
 
 
 # ---- adapters -------------------------------------------------------------------------------------------------
-FUZZED_ADAPTERS = ["source", "norm", "tent", "eata", "sar", "cotta", "memo"]
+FUZZED_ADAPTERS = methods("baseline")
 
 
 @pytest.mark.parametrize("name", FUZZED_ADAPTERS)
@@ -259,7 +259,7 @@ def test_a_key_given_twice_in_a_benchmark_file_is_an_error(tmp_path):
 def test_a_judge_of_another_class_count_is_a_clear_error(name):
     model = tiny_model(num_classes=7)  # the tiny judge knows 5 classes
     with pytest.raises(ValueError, match=r"7 classes but the pixel-unet judge knows 5.*use a judge"):
-        tta.create_adapter(name, model, backend=_tiny_judge_folder())
+        tta.create_adapter(name, model, backend=tiny_judge_folder())
 
 
 # ---- missing and broken files -------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from tta.methods.slow_inference import ReconstructionModel, SlowInference, SlowI
 from tta.nets import SlotAttention, SlotAttentionAutoEncoder
 from tta.segmentation_metrics import adjusted_rand_index, foreground_ari
 
-from conftest import tiny_model
+from fixtures import tiny_model
 
 
 def slot_model(seed=0):

@@ -9,7 +9,7 @@ from torch import nn
 
 import tta
 
-from conftest import tiny_model
+from fixtures import tiny_model
 
 
 def reference_tent(model, lr, steps_per_batch, batches, optimizer="sgd"):

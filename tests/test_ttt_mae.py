@@ -10,7 +10,7 @@ from tta.methods.slow_inference import reconstruction_loss
 from tta.nets import MaskedAutoencoderViT
 from tta.nets.mae_decoder import patchify, random_masking, ttt_mae_training_loss
 
-from conftest import tiny_model
+from fixtures import tiny_model
 
 timm = pytest.importorskip("timm")
 
