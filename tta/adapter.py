@@ -88,7 +88,18 @@ def running_stats_kept_on_refusal(module: nn.Module) -> Iterator[None]:
         raise
 
 
-class Adapter(nn.Module):
+class _SnapshotWhenBuilt(type):
+    """Runs Adapter._finish_setup once the most-derived __init__ has returned, so that the source state it snapshots
+    holds everything a method builds in its own __init__ (a loaded optimizer state, counters), whatever the order
+    in which that __init__ calls the base class's."""
+
+    def __call__(cls, *args, **kwargs):
+        adapter = super().__call__(*args, **kwargs)
+        adapter._finish_setup()
+        return adapter
+
+
+class Adapter(nn.Module, metaclass=_SnapshotWhenBuilt):
     """Adapts `model` on each call and returns its prediction. The model is adapted in place."""
     Config = AdapterConfig
     name = "adapter"
@@ -96,16 +107,24 @@ class Adapter(nn.Module):
     # that streams data (tta run) then gives them one example per call, so progress and cost show per example.
     one_example_per_call: bool = False
 
-    def __init__(self, model: nn.Module, cfg: Any = None, **overrides):
+    def __init__(self, model: nn.Module, cfg: Any = None, *, modules: Optional[Dict[str, nn.Module]] = None,
+                 **overrides):
+        """`modules`: what the method holds besides the model (a diffusion judge), attached under those names before
+        configure_model, so that they can adapt too."""
         super().__init__()
         self.cfg = make_config(self.Config, cfg, overrides)
         self.model = model
+        for name, module in (modules or {}).items():
+            self.add_module(name, module)
         self.configure_model()
         self.adapted = self.collect_params()
         params = [p for _, p in self.adapted]
         self.optimizer = self.build_optimizer(params) if params else None
-        self._source_state = self._capture_state()
         self.guard_events: Dict[str, int] = {}  # divergence-guard interventions over the adapter's life
+
+    def _finish_setup(self) -> None:
+        """The snapshot reset() restores, taken once the adapter is fully built (see _SnapshotWhenBuilt)."""
+        self._source_state = self._capture_state()
 
     # ---- what subclasses write -------------------------------------------------------------------------
     def configure_model(self) -> None:

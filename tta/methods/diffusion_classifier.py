@@ -29,7 +29,7 @@ Two faces of one scorer (tta.generative.classifier.DiffusionClassifier):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, List, Optional, Tuple, Union
+from typing import Annotated, List, Optional, Tuple, Union
 
 import torch
 from annotated_types import Interval
@@ -79,11 +79,9 @@ class DiffusionClassifierAdapter(JudgedAdapter):
     one_example_per_call = True  # it scores image by image anyway
     judge_prefix = "classifier."
 
-    def __init__(self, model: nn.Module, cfg: Any = None, backend: Any = None, **overrides):
-        config, judge = self.load_judge(model, cfg, backend, overrides)
-        super().__init__(model, config)
-        self.classifier = DiffusionClassifier(judge, **{k: getattr(config, k) for k in CLASSIFIER_OPTIONS})
-        self._source_state = self._capture_state()
+    @classmethod
+    def judge_module(cls, judge: nn.Module, config: DiffusionClassifierConfig) -> nn.Module:
+        return DiffusionClassifier(judge, **{k: getattr(config, k) for k in CLASSIFIER_OPTIONS})
 
     def collect_params(self) -> List:
         return []

@@ -125,42 +125,28 @@ class DiffusionTTA(JudgedAdapter):
         return not self.cfg.per_example
 
     def __init__(self, model: nn.Module, cfg: Any = None, backend: Any = None, **overrides):
-        config, judge = self.load_judge(model, cfg, backend, overrides)
-        super().__init__(model, config)
-        self.backend = judge.eval().requires_grad_(False)
-        judge.use_fast_paths(config.channels_last, config.compile, config.checkpointing)
-        if config.adapt_backend:
-            named = [(f"backend.{n}", p) for n, p in named_denoiser_parameters(judge)]
-            for _, p in named:
-                p.requires_grad_(True)
-            self.adapted = self.adapted + named
-            group = {"params": [p for _, p in named], "lr": config.backend_lr if config.backend_lr is not None
-                     else config.lr}
-            if self.optimizer is None:
-                self.optimizer = self.build_optimizer(group["params"])
-                self.optimizer.param_groups[0]["lr"] = group["lr"]
-            else:
-                self.optimizer.add_param_group(group)
-            check_step_fits(self.optimizer)  # backend_lr for the judge's dtype, before anything runs
+        super().__init__(model, cfg, backend, **overrides)
         self._generator = None
-        if config.seed is not None:
-            device = device_of(judge) or torch.device("cpu")
-            self._generator = torch.Generator(device=device).manual_seed(config.seed)
+        if self.cfg.seed is not None:
+            device = device_of(self.backend) or torch.device("cpu")
+            self._generator = torch.Generator(device=device).manual_seed(self.cfg.seed)
         self._x0 = None
         self.last_loss: Optional[float] = None
         self.last_losses: Optional[torch.Tensor] = None  # per image, of the last step
         self.micro_batch_used: Optional[int] = None  # the micro-batch of the last step (sized when micro_batch=0)
         self._sized_for: Optional[Tuple[int, ...]] = None
-        self._source_state = self._capture_state()  # now with the judge, when it adapts
 
     def adapted_judge_prefixes(self) -> Tuple[str, ...]:
-        if not self.cfg.adapt_backend or "backend" not in self._modules:  # the base class snapshots before it is set
-            return ()
-        return (f"backend.{denoiser_prefix(self.backend)}.",)
+        return (f"backend.{denoiser_prefix(self.backend)}.",) if self.cfg.adapt_backend else ()
 
     # ---- what adapts -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         super().configure_model()  # eval mode: per-example batches cannot give batch statistics
+        self.backend.eval().requires_grad_(False)
+        self.backend.use_fast_paths(self.cfg.channels_last, self.cfg.compile, self.cfg.checkpointing)
+        if self.cfg.adapt_backend:
+            for _, p in named_denoiser_parameters(self.backend):
+                p.requires_grad_(True)
         adapt = self.cfg.adapt
         if adapt == "all_but_last":
             for _, p in all_but_last_parameters(self.model, self.cfg.last_layer):
@@ -177,9 +163,24 @@ class DiffusionTTA(JudgedAdapter):
             self.lora = LoRASet(self.model, self.cfg.lora_rank, self.cfg.lora_alpha)
 
     def collect_params(self) -> List[Tuple[str, nn.Parameter]]:
-        if self.cfg.adapt == "lora":
-            return [(f"lora.{n}", p) for n, p in self.lora.named_parameters()]
-        return super().collect_params()
+        own = [(f"lora.{n}", p) for n, p in self.lora.named_parameters()] if self.cfg.adapt == "lora" else \
+            super().collect_params()
+        judge = named_denoiser_parameters(self.backend) if self.cfg.adapt_backend else []
+        return own + [(f"backend.{n}", p) for n, p in judge]
+
+    def build_optimizer(self, params: List[nn.Parameter]) -> torch.optim.Optimizer:
+        """The judge's denoiser, when it adapts, is a parameter group of its own, at backend_lr."""
+        judge = {id(p) for p in self.backend.parameters()}
+        own, judged = [p for p in params if id(p) not in judge], [p for p in params if id(p) in judge]
+        optimizer = super().build_optimizer(own or judged)
+        if judged:
+            lr = self.cfg.backend_lr if self.cfg.backend_lr is not None else self.cfg.lr
+            if own:
+                optimizer.add_param_group({"params": judged, "lr": lr})
+            else:
+                optimizer.param_groups[0]["lr"] = lr
+            check_step_fits(optimizer)  # backend_lr for the judge's dtype, before anything runs
+        return optimizer
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The (adapted) model's output; with LoRA the low-rank updates are applied on the fly."""

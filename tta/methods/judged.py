@@ -22,6 +22,15 @@ class JudgedAdapter(Adapter):
     adapted one has its denoiser copied, not its VAE or text encoder."""
     judge_prefix = "backend."
 
+    def __init__(self, model: nn.Module, cfg: Any = None, backend: Any = None, **overrides):
+        config, judge = self.load_judge(model, cfg, backend, overrides)
+        super().__init__(model, config, modules={self.judge_prefix.rstrip("."): self.judge_module(judge, config)})
+
+    @classmethod
+    def judge_module(cls, judge: nn.Module, config: Any) -> nn.Module:
+        """What the adapter holds under judge_prefix: the judge itself, or a module a method builds on it."""
+        return judge
+
     def adapted_judge_prefixes(self) -> Tuple[str, ...]:
         return ()
 

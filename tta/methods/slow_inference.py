@@ -144,8 +144,8 @@ class SlowInference(Adapter):
                 "reconstruction_loss(x, reconstruction, extras) -> (B,)), or use tta.nets.SlotAttentionAutoEncoder")
         super().__init__(model, cfg, **overrides)
         if self.cfg.optimizer_state is not None:
+            # in the source snapshot (taken once __init__ returns): every reset (every scene) starts from it
             load_optimizer_state(self.optimizer, self.cfg.optimizer_state, self.cfg.optimizer)
-            self._source_state = self._capture_state()  # every reset (every scene) starts from the loaded state
         self.loss_history: List[float] = []
         self.final_loss: Optional[float] = None
         self.best_step: Optional[int] = None
