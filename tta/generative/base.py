@@ -189,32 +189,25 @@ def normalise_judge_input(images: torch.Tensor, input_norm: str) -> torch.Tensor
     return (images - mean) / (std + 1e-2) * STANDARD_IMAGE_STD
 
 
-class LabelOverrides:
-    """Soft labels for label-embedding modules that sit inside a network's blocks (DiT's per-block tables).
+def labels_with_outputs(modules: Iterable[nn.Module], labels: torch.Tensor,
+                        output: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+    """`labels`, given to the network in place of its integer labels, makes each of `modules` (label-embedding
+    tables inside the network's blocks, as DiT's) return output(module); calls with other labels behave as usual.
 
     `replaced_outputs` hooks only while its block runs; a block under gradient checkpointing re-runs its forward
-    during backward, after such hooks are gone, and would then embed the plain labels. Here the hooks stay on the
-    modules, and a call registers what to return for one labels tensor (`register(labels, output)`): the
-    checkpointed re-run passes that very tensor again, so it finds the same soft embedding. An entry lives as long
-    as its labels tensor; modules called with other labels behave as usual.
+    during backward, after such hooks are gone, and would then embed the plain labels. These hooks live as long as
+    `labels` does: the checkpointed re-run passes that very tensor again (the autograd graph keeps it), and once
+    the caller and the graph let go of it, the hooks are removed, so none stay on the network.
     """
+    import weakref
+    ref = weakref.ref(labels)
 
-    def __init__(self, modules: Iterable[nn.Module]):
-        self._outputs: Dict[int, Tuple[Any, Callable[[nn.Module], torch.Tensor]]] = {}
-        self._handles = [m.register_forward_hook(self._hook) for m in modules]
+    def hook(module: nn.Module, args, out):
+        return output(module) if args and args[0] is ref() else None
 
-    def register(self, labels: torch.Tensor, output: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
-        import weakref
-        key = id(labels)
-        self._outputs[key] = (weakref.ref(labels), output)
-        weakref.finalize(labels, self._outputs.pop, key, None)
-        return labels
-
-    def _hook(self, module: nn.Module, args, out):
-        entry = self._outputs.get(id(args[0])) if args else None
-        if entry is not None and entry[0]() is args[0]:
-            return entry[1](module)
-        return None
+    handles = [m.register_forward_hook(hook) for m in modules]
+    weakref.finalize(labels, lambda: [h.remove() for h in handles])
+    return labels
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .base import (DiffusionBackend, LabelOverrides, is_local, load_component, load_scheduler, prepare_images,
+from .base import (DiffusionBackend, is_local, labels_with_outputs, load_component, load_scheduler, prepare_images,
                    read_metadata, register_backend)
 
 LAYOUT = "transformer/ (DiTTransformer2DModel) + vae/ (AutoencoderKL) + scheduler/ [+ model_index.json]"
@@ -97,10 +97,8 @@ class DiTBackend(DiffusionBackend):
         def soft_embedding(table):
             weight = table.embedding_table.weight[:table.num_classes]  # the last row is the null class of CFG
             return cond.to(weight.dtype) @ weight
-        if getattr(self, "_soft_labels", None) is None:  # hooks kept on the tables: see LabelOverrides
-            self._soft_labels = LabelOverrides(self.label_tables())
-        dummy = self._soft_labels.register(torch.zeros(x_t.shape[0], dtype=torch.long, device=x_t.device),
-                                           soft_embedding)
+        dummy = labels_with_outputs(self.label_tables(), torch.zeros(x_t.shape[0], dtype=torch.long,
+                                                                     device=x_t.device), soft_embedding)
         out = self.transformer(x_t, timestep=t, class_labels=dummy).sample
         if out.shape[1] == 2 * x_t.shape[1]:  # learned variance: the first half is the noise prediction
             out = out[:, :x_t.shape[1]]
