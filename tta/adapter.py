@@ -266,6 +266,12 @@ class Adapter(nn.Module, metaclass=_SnapshotWhenBuilt):
         return [n for n, _ in self.adapted]
 
     # ---- source state ------------------------------------------------------------------------------------
+    @property
+    def source_state_dict(self) -> Dict[str, torch.Tensor]:
+        """state_dict() as it was at construction: what reset() restores (methods that pull weights back towards
+        the source, as CoTTA's stochastic restore, read it; never write to it)."""
+        return self._source_state["module"]
+
     def _capture_state(self) -> Dict[str, Any]:
         module_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
         optim_state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None

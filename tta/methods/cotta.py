@@ -111,7 +111,7 @@ class CoTTA(Adapter):
 
     @torch.no_grad()
     def _stochastic_restore(self):
-        source = self._source_state["module"]
+        source = self.source_state_dict
         for name, p in self.adapted:
             restore = torch.rand_like(p) < self.cfg.restore_prob
             p.copy_(torch.where(restore, source[f"model.{name}"], p))
