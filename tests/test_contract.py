@@ -111,7 +111,7 @@ def test_eata_fisher_regulariser_pulls_towards_the_source(images):
     assert set(eata.fisher) == set(eata.adapted_names)
     assert float(eata.fisher_penalty().detach()) == 0.0
     with torch.no_grad():
-        for _, p in eata.adapted:
+        for _, p in eata.adapted_params:
             p.add_(0.1)
     assert float(eata.fisher_penalty().detach()) > 0.0
 

@@ -124,7 +124,7 @@ def test_checkpointing_an_adapted_judge_gives_it_the_same_gradients(tmp_path):
         adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, adapt_backend=True,
                                      checkpointing=checkpointing, **STEP)
         adapter.compute_gradients(x)
-        steps.append((adapter.last_loss, {n: p.grad.clone() for n, p in adapter.adapted}, adapter))
+        steps.append((adapter.last_loss, {n: p.grad.clone() for n, p in adapter.adapted_params}, adapter))
         adapter.optimizer.zero_grad()  # the judge is shared by both adapters
     assert judge.unet.is_gradient_checkpointing
     judge_grads = [n for n, g in steps[0][1].items() if "unet" in n and g.abs().sum() > 0]

@@ -149,6 +149,6 @@ def test_pathological_learning_rate_on_real_data_is_caught_by_the_guard():
     guarded = accuracies(tent)
     assert all(g >= r for g, r in zip(guarded, reference)), f"tent at lr 1e6 {guarded} < norm {reference}"
     assert sum(tent.guard_events.values()) > 0, "the guard never intervened at lr 1e6"
-    assert all(torch.isfinite(p).all() for _, p in tent.adapted)
+    assert all(torch.isfinite(p).all() for _, p in tent.adapted_params)
     unguarded = accuracies(tta.create_adapter("tent", copy.deepcopy(model), lr=1e6, guard=False))
     assert min(unguarded) < min(reference), "lr 1e6 does no harm without the guard: the test proves nothing"

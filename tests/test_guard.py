@@ -19,7 +19,7 @@ def test_pathological_learning_rate_never_does_worse_than_the_unadapted_model(na
     accuracies = [(adapter(x).argmax(1) == labels).float().mean().item() for _ in range(3)]
     assert min(accuracies) == 1.0, f"{name} fell below the unadapted model: {accuracies}"
     assert sum(adapter.guard_events.values()) > 0, "the guard never intervened at lr 1e12"
-    assert all(torch.isfinite(p).all() for _, p in adapter.adapted)
+    assert all(torch.isfinite(p).all() for _, p in adapter.adapted_params)
 
 
 def test_without_the_guard_the_same_run_breaks():
@@ -34,10 +34,10 @@ def test_without_the_guard_the_same_run_breaks():
 def test_nonfinite_loss_skips_the_update():
     model = tiny_model()
     adapter = tta.create_adapter("tent", model)
-    before = [p.detach().clone() for _, p in adapter.adapted]
+    before = [p.detach().clone() for _, p in adapter.adapted_params]
     assert adapter.optimize(torch.tensor(float("nan"), requires_grad=True)) is False
     assert adapter.guard_events == {"nonfinite_loss": 1}
-    assert all(torch.equal(a, p) for a, (_, p) in zip(before, adapter.adapted))
+    assert all(torch.equal(a, p) for a, (_, p) in zip(before, adapter.adapted_params))
 
 
 @pytest.mark.parametrize("name", methods("own_loop"))
@@ -45,12 +45,12 @@ def test_nonfinite_gradients_skip_the_update_in_methods_with_their_own_loop(name
     """Methods that run their own step loop go through the guard too: a NaN gradient never reaches the weights."""
     model, config, batch = model_and_config(name, episodic=False, steps=1)
     adapter = tta.create_adapter(name, model, **config)
-    before = {n: p.detach().clone() for n, p in adapter.adapted}
-    for _, p in adapter.adapted:
+    before = {n: p.detach().clone() for n, p in adapter.adapted_params}
+    for _, p in adapter.adapted_params:
         p.register_hook(lambda g: torch.full_like(g, float("nan")))
     adapter(batch[:1])
     assert adapter.guard_events.get("nonfinite_grad", 0) >= 1
-    assert all(torch.equal(before[n], p) for n, p in adapter.adapted)
+    assert all(torch.equal(before[n], p) for n, p in adapter.adapted_params)
 
 
 @pytest.mark.parametrize("name", methods("own_loop"))
@@ -104,7 +104,7 @@ def test_a_step_that_would_overflow_is_refused_and_changes_nothing(optimizer):
     assert all(torch.equal(v, state[k]) for k, v in adapter.state_dict().items())
     after = [v for s in adapter.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     assert all(torch.equal(a, b) for a, b in zip(moments, after))
-    assert all(p.grad is None or not p.grad.any() for _, p in adapter.adapted)
+    assert all(p.grad is None or not p.grad.any() for _, p in adapter.adapted_params)
 
 
 def test_float16_weights_refuse_a_learning_rate_their_step_cannot_hold():

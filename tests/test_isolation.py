@@ -143,7 +143,7 @@ def test_episodic_diffusion_tta_leaves_an_adapted_judge_bit_identical():
     assert any(n.startswith("backend.") for n in adapter.adapted_names), "the judge does not adapt"
     assert_bit_identical(on_disk, state(adapter.backend), "judge (construction)")
     judge = adapter.backend
-    params = [p for n, p in adapter.adapted if n.startswith("backend.")]
+    params = [p for n, p in adapter.adapted_params if n.startswith("backend.")]
     original = [p.detach().clone() for p in params]
     # Prove the judge really moves within a call: a step without the episodic reset changes it.
     adapter.cfg.episodic = False

@@ -642,11 +642,11 @@ def test_sar_official_preset_matches_the_authors_code(preset):
     assert (adapter.cfg.lr, adapter.cfg.always_step) == (lr, True)
     ref = OfficialSAR(ref_model.net, lr, 0.4 * math.log(5))
     for i, x in enumerate(stream):
-        before = [p.detach().clone() for _, p in adapter.adapted]
+        before = [p.detach().clone() for _, p in adapter.adapted_params]
         torch.testing.assert_close(adapter(x), ref(model.normalize(x)), **TOL)
         assert_same_params(model.net, ref_model.net)
         if i == 2:  # no reliable sample, and yet the weights moved: momentum
-            assert not all(torch.equal(a, p) for a, (_, p) in zip(before, adapter.adapted))
+            assert not all(torch.equal(a, p) for a, (_, p) in zip(before, adapter.adapted_params))
     assert adapter.recoveries == ref.resets == 0
 
 

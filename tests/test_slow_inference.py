@@ -126,7 +126,7 @@ class RecordingSlowInference(SlowInference):
     """Keeps a copy of the adapted parameters before every update, to check which ones restore_best loads."""
 
     def forward_and_adapt(self, x):
-        self.before.append([p.detach().clone() for _, p in self.adapted])
+        self.before.append([p.detach().clone() for _, p in self.adapted_params])
         return super().forward_and_adapt(x)
 
     def adapt_and_predict(self, x):
@@ -148,7 +148,7 @@ def test_restore_best_loads_the_weights_of_the_lowest_loss():
     assert adapter.best_step == int(np.argmin(losses))
     assert 0 < adapter.best_step < len(history) and losses[-1] > min(losses), "the case needs the loss to rise"
     # The weights loaded are those *before* the update at best_step (whose loss loss_history[best_step] is).
-    assert all(torch.equal(p, b) for (_, p), b in zip(adapter.adapted, adapter.before[adapter.best_step]))
+    assert all(torch.equal(p, b) for (_, p), b in zip(adapter.adapted_params, adapter.before[adapter.best_step]))
     with torch.no_grad():
         assert reconstruction_loss(model, x).item() == pytest.approx(history[adapter.best_step], rel=1e-6)
         assert torch.equal(out, model.predict(x))

@@ -117,8 +117,8 @@ class Adapter(nn.Module, metaclass=_SnapshotWhenBuilt):
         for name, module in (modules or {}).items():
             self.add_module(name, module)
         self.configure_model()
-        self.adapted = self.collect_params()
-        params = [p for _, p in self.adapted]
+        self.adapted_params: List[Tuple[str, nn.Parameter]] = self.collect_params()  # (name, parameter) updated
+        params = [p for _, p in self.adapted_params]
         self.optimizer = self.build_optimizer(params) if params else None
         self.guard_events: Dict[str, int] = {}  # divergence-guard interventions over the adapter's life
 
@@ -210,7 +210,7 @@ class Adapter(nn.Module, metaclass=_SnapshotWhenBuilt):
         """The optimizer step on gradients already accumulated, then zero_grad; with the guard on, a non-finite
         gradient, or a non-finite `loss` (the value those gradients came from, when given), skips the update. For
         methods that accumulate gradients themselves before stepping."""
-        skipped = skipped_update(loss, (p for _, p in self.adapted)) if self.cfg.guard else None
+        skipped = skipped_update(loss, (p for _, p in self.adapted_params)) if self.cfg.guard else None
         if skipped:
             self.optimizer.zero_grad()
             self.count_guard_event(skipped)
@@ -227,7 +227,7 @@ class Adapter(nn.Module, metaclass=_SnapshotWhenBuilt):
     def diverged(self, outputs: torch.Tensor, predict: Optional[Callable[[], torch.Tensor]] = None) -> bool:
         """Non-finite weights or outputs, exploded weights (tta.guard.unusable), or a collapse to one class."""
         names, source = {id(p): n for n, p in self.named_parameters()}, self._source_state["module"]
-        why = unusable(((p, source.get(names.get(id(p)))) for _, p in self.adapted), outputs)
+        why = unusable(((p, source.get(names.get(id(p)))) for _, p in self.adapted_params), outputs)
         if why:
             self.count_guard_event(why)
             return True
@@ -239,7 +239,7 @@ class Adapter(nn.Module, metaclass=_SnapshotWhenBuilt):
     def collapsed(self, outputs: torch.Tensor, predict: Optional[Callable[[], torch.Tensor]] = None) -> bool:
         """Whether outputs show a collapse to one class (tta.guard.collapsed_to_one_class); `predict` gives the
         prediction on the same batch, run here with the source state for the rule's comparison with the source."""
-        source = (lambda: self.predict_with_source(predict)) if predict is not None and self.adapted else None
+        source = (lambda: self.predict_with_source(predict)) if predict is not None and self.adapted_params else None
         return collapsed_to_one_class(outputs, source)
 
     @torch.no_grad()
@@ -263,7 +263,7 @@ class Adapter(nn.Module, metaclass=_SnapshotWhenBuilt):
 
     @property
     def adapted_names(self) -> List[str]:
-        return [n for n, _ in self.adapted]
+        return [n for n, _ in self.adapted_params]
 
     # ---- source state ------------------------------------------------------------------------------------
     @property

@@ -83,7 +83,7 @@ def dtta_trajectory(judge: str, x: torch.Tensor, y: torch.Tensor, steps: int, lr
     import tta
     adapter = tta.create_adapter("diffusion_tta", tta.create_model("zoo:fmnist-cnn"), backend=judge, steps=1,
                                  **CLASSIFIER_GRADIENT, pairs=32, micro_batch=32, lr=lr, seed=0, episodic=False)
-    theta0 = torch.cat([p.detach().flatten() for _, p in adapter.adapted]).clone()
+    theta0 = torch.cat([p.detach().flatten() for _, p in adapter.adapted_params]).clone()
     correct = np.zeros((steps + 1, len(x)))
     moved = []
     for i in range(len(x)):
@@ -93,7 +93,7 @@ def dtta_trajectory(judge: str, x: torch.Tensor, y: torch.Tensor, steps: int, lr
             correct[0, i] = float(adapter.model(xi).argmax(1).item() == y[i].item())
         for s in range(1, steps + 1):
             correct[s, i] = float(adapter(xi).argmax(1).item() == y[i].item())
-        theta = torch.cat([p.detach().flatten() for _, p in adapter.adapted])
+        theta = torch.cat([p.detach().flatten() for _, p in adapter.adapted_params])
         moved.append(float((theta - theta0).norm() / theta0.norm()))
     return correct.mean(1), float(np.mean(moved))
 
@@ -104,7 +104,7 @@ def gradient_stats(judge: str, x: torch.Tensor, y: torch.Tensor, pairs: int):
     import tta
     adapter = tta.create_adapter("diffusion_tta", tta.create_model("zoo:fmnist-cnn"), backend=judge, steps=1,
                                  **CLASSIFIER_GRADIENT, pairs=1, micro_batch=1, seed=0)
-    params = [p for _, p in adapter.adapted]
+    params = [p for _, p in adapter.adapted_params]
 
     def flat_grad():
         g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])

@@ -112,6 +112,6 @@ class CoTTA(Adapter):
     @torch.no_grad()
     def _stochastic_restore(self):
         source = self.source_state_dict
-        for name, p in self.adapted:
+        for name, p in self.adapted_params:
             restore = torch.rand_like(p) < self.cfg.restore_prob
             p.copy_(torch.where(restore, source[f"model.{name}"], p))

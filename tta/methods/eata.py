@@ -98,7 +98,7 @@ class EATA(Adapter):
 
     def compute_fisher(self, batches: Iterable[torch.Tensor]) -> None:
         """Diagonal Fisher of the adapted parameters on clean images, with the model's own predictions as labels."""
-        params = dict(self.adapted)
+        params = dict(self.adapted_params)
         fisher = {n: torch.zeros_like(p) for n, p in params.items()}
         count = 0
         with torch.enable_grad():
@@ -142,7 +142,7 @@ class EATA(Adapter):
         return outputs
 
     def fisher_penalty(self) -> torch.Tensor:
-        return sum((self.fisher[n][0] * (p - self.fisher[n][1]) ** 2).sum() for n, p in self.adapted)
+        return sum((self.fisher[n][0] * (p - self.fisher[n][1]) ** 2).sum() for n, p in self.adapted_params)
 
     def _update_average(self, new_probs: torch.Tensor) -> None:
         if new_probs.shape[0] == 0:

@@ -126,7 +126,7 @@ class SAR(Adapter):
         outputs, entropy = self._entropy(x)
         e_margin = self.cfg.e_margin_scale * math.log(outputs.shape[1])
         reliable = entropy < e_margin
-        params = [p for _, p in self.adapted]
+        params = [p for _, p in self.adapted_params]
         loss2 = None
         if reliable.any():
             entropy[reliable].mean().backward()

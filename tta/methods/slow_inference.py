@@ -183,7 +183,7 @@ class SlowInference(Adapter):
     def _keep_if_best(self, loss: float, step: int) -> None:
         if not loss < self._best_loss:  # strict, and False for NaN: the earliest of equal losses wins
             return
-        params = [p for _, p in self.adapted]
+        params = [p for _, p in self.adapted_params]
         if len(self._best_params) != len(params) or any(
                 b.shape != p.shape or b.device != p.device or b.dtype != p.dtype
                 for b, p in zip(self._best_params, params)):
@@ -218,6 +218,6 @@ class SlowInference(Adapter):
         if self.final_loss < self._best_loss or self.best_step is None:
             self._best_loss, self.best_step = self.final_loss, len(self.loss_history)
             return
-        for b, (_, p) in zip(self._best_params, self.adapted):
+        for b, (_, p) in zip(self._best_params, self.adapted_params):
             p.copy_(b)
         # The optimizer's moments stay those of the last step; only online use (episodic off) carries them on.
