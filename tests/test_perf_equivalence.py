@@ -1,27 +1,15 @@
 """The project's Diffusion-TTA step (condition-gradient accumulation, one classifier pass) and the naive reference
-loop of benchmarks/perf/run.py (classifier re-run and image re-encoded per micro-batch) give the same loss and
-the same gradients on the same (t, eps) draws, and the same adapted weights after optimizer steps."""
+loop that benchmarks/perf/run.py times it against (fixtures.py: classifier re-run and image re-encoded per
+micro-batch) give the same loss and the same gradients on the same (t, eps) draws, and the same adapted weights
+after optimizer steps."""
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import tta
-from fixtures import save_pixel_judge
-
-RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "run.py"
-
-
-@pytest.fixture(scope="module")
-def perf():
-    spec = importlib.util.spec_from_file_location("tta_perf_run", RUN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from fixtures import NAIVE_SETTING, naive_diffusion_tta, naive_diffusion_tta_step, save_pixel_judge
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
@@ -37,12 +25,8 @@ def tiny_classifier(num_classes=5, seed=0):
                          nn.Flatten(), nn.Linear(16, num_classes))
 
 
-# What the naive loop does: every classifier weight adapts, the judge stays fixed.
-NAIVE_SETTING = {"adapt": "all", "preset": "classifier-only"}
-
-
 @pytest.mark.parametrize("batch,pairs,micro_batch", [(1, 30, 15), (2, 23, 7)])
-def test_same_loss_and_gradients(judge, perf, batch, pairs, micro_batch):
+def test_same_loss_and_gradients(judge, batch, pairs, micro_batch):
     model = tiny_classifier()
     source = copy.deepcopy(model)
     x = torch.rand(batch, 3, 20, 20, generator=torch.Generator().manual_seed(1))
@@ -53,7 +37,7 @@ def test_same_loss_and_gradients(judge, perf, batch, pairs, micro_batch):
     project = {n: p.grad.clone() for n, p in adapter.model.named_parameters()}
 
     naive_model = copy.deepcopy(source).requires_grad_(True)
-    loss = perf.naive_diffusion_tta_step(naive_model, adapter.backend, x, None, pairs, micro_batch,
+    loss = naive_diffusion_tta_step(naive_model, adapter.backend, x, None, pairs, micro_batch,
                                          torch.Generator().manual_seed(0), step=False)
     assert loss == pytest.approx(adapter.last_loss, rel=1e-6, abs=1e-8)
     for n, p in naive_model.named_parameters():
@@ -61,7 +45,7 @@ def test_same_loss_and_gradients(judge, perf, batch, pairs, micro_batch):
     assert any(g.abs().sum() > 0 for g in project.values())
 
 
-def test_same_adaptation_over_steps(judge, perf):
+def test_same_adaptation_over_steps(judge):
     model = tiny_classifier()
     source = copy.deepcopy(model)
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -78,7 +62,7 @@ def test_same_adaptation_over_steps(judge, perf):
     project_out = adapter(x)
 
     naive_losses = []
-    naive_out = perf.naive_diffusion_tta(source, adapter.backend, x, steps=2, pairs=14, micro_batch=6, lr=0.05,
+    naive_out = naive_diffusion_tta(source, adapter.backend, x, steps=2, pairs=14, micro_batch=6, lr=0.05,
                                          generator=torch.Generator().manual_seed(0), losses=naive_losses)
     assert naive_losses == pytest.approx(losses, rel=1e-5)
     assert torch.allclose(naive_out, project_out, rtol=1e-4, atol=1e-6)

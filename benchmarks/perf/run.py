@@ -1,11 +1,12 @@
-"""Performance benchmark of tta (issue #7): writes results/perf.md. See benchmarks/perf/README.md.
+"""Performance benchmark of tta: writes results/perf.md. See benchmarks/perf/README.md.
 
     python benchmarks/perf/run.py            # full CPU run (about 15 minutes on 2 loaded cores)
     python benchmarks/perf/run.py --quick    # a few minutes
 
-Sections: Diffusion-TTA per-example time and peak memory against a naive reference loop written out below (the
-paper's structure: fp32, micro-batches of 15 with gradient accumulation, the classifier re-run and the image
-re-encoded for every micro-batch, nothing cached), with both losses on the same (t, eps) draws; a breakdown of
+Sections: Diffusion-TTA per-example time and peak memory against a naive reference loop (the paper's structure:
+fp32, micro-batches of 15 with gradient accumulation, the classifier re-run and the image re-encoded for every
+micro-batch, nothing cached; it lives in tests/fixtures.py, where tests/test_perf_equivalence.py checks it against
+the project's step), with both losses on the same (t, eps) draws; a breakdown of
 where the time goes; Diffusion Classifier denoiser evaluations, time and accuracy with adaptive pruning against
 exhaustive scoring on the quick suite's images; throughput of the baselines; and, only when CUDA is available,
 the same on the real architectures with random weights (DiT-XL/2-256 + ResNet-50 / ConvNeXt-T, SD-2 UNet +
@@ -31,66 +32,10 @@ from typing import Any, Dict, List, Optional
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from fixtures import NAIVE_SETTING, naive_diffusion_tta  # noqa: E402  (the reference loop the tests check)
+
 RESULT_TAG = "PERF_RESULT "
-
-
-# ---- the naive reference loop: the paper's structure, written out plainly ------------------------------------
-# What the naive loops below do, which the project path is compared with: every classifier weight adapts and the
-# judge stays fixed (Diffusion-TTA's defaults, the official DiT setting, also adapt the judge and leave the
-# classifier's last layer out).
-NAIVE_SETTING = {"adapt": "all", "preset": "classifier-only"}
-
-
-def naive_diffusion_tta_step(model, backend, x, optimizer, pairs: int = 180, micro_batch: int = 15,
-                             generator: Optional[torch.Generator] = None, loss: str = "l2",
-                             step: bool = True) -> float:
-    """One Diffusion-TTA optimizer step as the authors' code structures it: fp32, `pairs` (t, eps) pairs in
-    micro-batches of `micro_batch`, and for every micro-batch the image re-encoded, the classifier re-run, the
-    condition rebuilt and the loss back-propagated through judge and classifier; the gradients accumulate and one
-    optimizer step follows. (t, eps) are drawn as the project draws them (tta.generative.sampling.sample_pairs:
-    all t of the step, then all eps), so both paths see the same pairs. Returns the step's mean loss."""
-    from tta.generative.sampling import sample_pairs
-    device = backend.alphas_cumprod.device
-    x = x.to(device)
-    if optimizer is not None:
-        optimizer.zero_grad()
-    shape_probe = backend.encode(x)  # only for the draws' shape, as the project draws from its x0
-    b = shape_probe.shape[0]
-    t_all, eps_all = sample_pairs(shape_probe, pairs, backend.num_train_timesteps, "uniform", "independent",
-                                  generator)
-    total = 0.0
-    for start in range(0, pairs, micro_batch):
-        m = min(micro_batch, pairs - start)
-        x0 = backend.encode(x)                                    # re-encoded every micro-batch
-        logits = model(x)                                         # classifier re-run every micro-batch
-        cond = backend.condition(logits.softmax(1))
-        t = t_all[:, start:start + m].reshape(-1)
-        eps = eps_all[:, start:start + m].reshape(b * m, *x0.shape[1:]).float()
-        a = backend.alphas_cumprod[t].float().view(-1, *([1] * (x0.dim() - 1)))
-        x_t = a.sqrt() * x0.float().repeat_interleave(m, 0) + (1 - a).sqrt() * eps
-        pred = backend.predict_noise(x_t, t, cond.repeat_interleave(m, 0)).float()
-        diff = pred - eps
-        err = (diff.pow(2) if loss == "l2" else diff.abs()).reshape(b * m, -1).mean(1)
-        (err.sum() / (b * pairs)).backward()
-        total += float(err.detach().sum())
-    if step and optimizer is not None:
-        optimizer.step()
-    return total / (b * pairs)
-
-
-def naive_diffusion_tta(model, backend, x, steps=5, pairs=180, micro_batch=15, lr=5e-3, momentum=0.9,
-                        generator=None, losses: Optional[list] = None) -> torch.Tensor:
-    """Episodic Diffusion-TTA on x, naively: a fresh copy of the source weights and a fresh SGD per call."""
-    model = copy.deepcopy(model)
-    model.eval().requires_grad_(True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = naive_diffusion_tta_step(model, backend, x, optimizer, pairs, micro_batch, generator)
-            if losses is not None:
-                losses.append(loss)
-    with torch.no_grad():
-        return model(x)
 
 
 # ---- measurement helpers -----------------------------------------------------------------------------------
@@ -658,7 +603,7 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="tta-perf-")
     judge_path = str(snapshot_judge(Path(tmp.name) / "fmnist-judge"))
     judge = judge_info(Path(judge_path))
-    say("# Performance (issue #7)\n")
+    say("# Performance\n")
     say("Generated by `benchmarks/perf/run.py`; do not edit by hand.\n")
     say(f"- command: `{command}`")
     say(f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
