@@ -22,7 +22,7 @@ def test_every_numeric_field_declares_a_range_its_default_lies_in(name):
     cls()  # the defaults pass their own ranges
 
 
-OUT_OF_RANGE = [  # the values issue 16 found accepted, then more
+OUT_OF_RANGE = [  # values once accepted without complaint, then more
     ("tent", "momentum", math.nan, r"\[0, 1\]"), ("tent", "lr", -1e-3, r"\[0, 1e\+12\]"),
     ("tent", "weight_decay", math.inf, r"\[0, 1e\+12\]"), ("tent", "betas", (1.0, 0.999), r"\[0, 1\)"),
     ("cotta", "ema_momentum", 2, r"\[0, 1\]"), ("cotta", "restore_prob", -1, r"\[0, 1\]"),

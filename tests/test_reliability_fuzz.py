@@ -1,4 +1,4 @@
-"""Tests that try to break the input validation (issue #8): random shapes, ranks, dtypes, value ranges, NaN/inf,
+"""Tests that try to break the input validation: random shapes, ranks, dtypes, value ranges, NaN/inf,
 empty batches and channel counts against ImageModel.forward and several adapters; random config keys and values
 against make_config; unknown keys and wrong types at every level of a benchmark file; judge/model class-count
 mismatches; missing or broken weight files; unreadable and truncated images.
