@@ -138,3 +138,18 @@ def all_but_last_parameters(model: nn.Module, name: Optional[str] = None) -> Lis
     names = {id(p): n for n, p in model.named_parameters()}
     chosen = {id(p): p for _, m in leaves for p in m.parameters(recurse=False) if id(p) not in left_out}
     return [(names[i], p) for i, p in chosen.items()]
+
+
+def enable_adapted(model: nn.Module, adapt: str, last_layer: Optional[str] = None) -> None:
+    """Turn on gradients for what `adapt` names: "all_but_last" (all_but_last_parameters), "all", "norm" (the
+    affine parameters of normalisation layers) or "last" (last_layer_parameters); `last_layer` names the module
+    "last" adapts and "all_but_last" leaves out."""
+    if adapt == "all":
+        model.requires_grad_(True)
+    elif adapt == "norm":
+        if not enable_norm_affine(model):
+            raise ValueError("adapt='norm' found no normalisation layers in this model; use adapt='all' or 'last'")
+    else:
+        select = {"all_but_last": all_but_last_parameters, "last": last_layer_parameters}[adapt]
+        for _, p in select(model, last_layer):
+            p.requires_grad_(True)

@@ -142,6 +142,20 @@ def model_task(model) -> Optional[str]:
     return getattr(model, "task", None)
 
 
+def condition_weights(model, backend: DiffusionBackend, outputs: torch.Tensor, method: str) -> torch.Tensor:
+    """What the judge is conditioned on, from the model's outputs: soft class weights (softmax over dim 1) for
+    classifiers and segmenters, the map itself for depth."""
+    task = model_task(model) or ("classification" if outputs.dim() == 2 else
+                                 "depth" if outputs.shape[1] == 1 else "segmentation")
+    if task == "depth":
+        return outputs.unsqueeze(1) if outputs.dim() == 3 else outputs
+    k = backend.map_channels if backend.conditioning == "map" else backend.num_classes
+    if outputs.dim() < 2 or outputs.shape[1] != k:
+        raise ValueError(f"{method}: the model's output {tuple(outputs.shape)} does not give the {k} "
+                         f"class scores the {backend.kind} judge is conditioned on")
+    return outputs.softmax(1)
+
+
 def match_backend_to_model(model, backend: DiffusionBackend, method: str) -> None:
     """Refuse judge/model pairs that cannot work together, with what to pass instead; give text judges the
     model's class names (a CLIP zero-shot model's classes become the judge's prompts)."""

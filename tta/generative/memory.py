@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -83,6 +83,27 @@ def micro_batch_from_memory(run_pairs: Callable[[int], object], pairs: int, devi
                       "Use fewer images per batch (per_example adapts them all at once), checkpointing: true, or "
                       "bf16 autocast", RuntimeWarning, stacklevel=2)
     return int(max(1, min(pairs, budget // (BACKWARD_FACTOR * per_pair))))
+
+
+class MicroBatchSizer:
+    """The micro-batch of a judge's pairs: a fixed size when one is given, else the one micro_batch_from_memory
+    sizes for the input's shape, measured once per shape (the measurement runs the judge)."""
+
+    def __init__(self):
+        self.used: Optional[int] = None  # the micro-batch of the last call
+        self._sized_for: Optional[Tuple[int, ...]] = None
+
+    def __call__(self, size: int, pairs: int, shape: Tuple[int, ...], run_pairs: Callable[[int], object],
+                 device: torch.device, memory_gb: Optional[float] = None) -> int:
+        """`size` pairs per image, or for size 0 the sized micro-batch for inputs of `shape` (images first), within
+        `memory_gb` when given."""
+        if size:
+            self.used = size
+        elif self._sized_for != shape:
+            budget = memory_gb * 2 ** 30 if memory_gb is not None else None
+            self.used = micro_batch_from_memory(run_pairs, pairs, device, budget_bytes=budget, images=shape[0])
+            self._sized_for = shape
+        return self.used
 
 
 def _size(n_bytes: float) -> str:

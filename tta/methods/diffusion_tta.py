@@ -47,13 +47,12 @@ from torch import nn
 from ..adapter import AdapterConfig, register_adapter
 from ..config import MAX_PAIRS, Fraction, NonNegative, Pairs, Rate, Seed, Steps, fill_from_preset
 from ..generative.base import autocast_for, check_autocast, denoiser_prefix, named_denoiser_parameters
-from ..generative.loading import model_task
-from ..generative.memory import micro_batch_from_memory
+from ..generative.loading import condition_weights
+from ..generative.memory import MicroBatchSizer
 from ..generative.sampling import LOSSES, NOISE_MODES, TIMESTEP_MODES, sample_pairs
-from ..guard import check_step_fits
 from ..lora import LoRASet
 from ..models.wrapper import ImageModel
-from ..params import all_but_last_parameters, enable_norm_affine, last_layer_parameters
+from ..params import all_but_last_parameters, enable_adapted  # noqa: F401  (tests import it from here)
 from ..per_example import adapt_per_example
 from ..registry import unknown_name_message
 from .judged import JudgedAdapter, device_of
@@ -120,8 +119,7 @@ class DiffusionTTA(JudgedAdapter):
 
     @property
     def one_example_per_call(self) -> bool:
-        # The paper adapts per image; with per_example the method gives every image of a batch its own copy itself,
-        # at once, which is faster than one image per call.
+        # The paper adapts per image; per_example gives every image of a batch its own copy at once, which is faster.
         return not self.cfg.per_example
 
     def __init__(self, model: nn.Module, cfg: Any = None, backend: Any = None, **overrides):
@@ -130,11 +128,11 @@ class DiffusionTTA(JudgedAdapter):
         if self.cfg.seed is not None:
             device = device_of(self.backend) or torch.device("cpu")
             self._generator = torch.Generator(device=device).manual_seed(self.cfg.seed)
-        self._x0 = None
+        self._x0 = None  # the encoded images of the current call, for every step
         self.last_loss: Optional[float] = None
         self.last_losses: Optional[torch.Tensor] = None  # per image, of the last step
         self.micro_batch_used: Optional[int] = None  # the micro-batch of the last step (sized when micro_batch=0)
-        self._sized_for: Optional[Tuple[int, ...]] = None
+        self.micro_batch_sizer = MicroBatchSizer()
 
     def adapted_judge_prefixes(self) -> Tuple[str, ...]:
         return (f"backend.{denoiser_prefix(self.backend)}.",) if self.cfg.adapt_backend else ()
@@ -147,20 +145,10 @@ class DiffusionTTA(JudgedAdapter):
         if self.cfg.adapt_backend:
             for _, p in named_denoiser_parameters(self.backend):
                 p.requires_grad_(True)
-        adapt = self.cfg.adapt
-        if adapt == "all_but_last":
-            for _, p in all_but_last_parameters(self.model, self.cfg.last_layer):
-                p.requires_grad_(True)
-        elif adapt == "all":
-            self.model.requires_grad_(True)
-        elif adapt == "norm":
-            if not enable_norm_affine(self.model):
-                raise ValueError("adapt='norm' found no normalisation layers in this model; use adapt='all' or 'last'")
-        elif adapt == "last":
-            for _, p in last_layer_parameters(self.model, self.cfg.last_layer):
-                p.requires_grad_(True)
-        else:
+        if self.cfg.adapt == "lora":
             self.lora = LoRASet(self.model, self.cfg.lora_rank, self.cfg.lora_alpha)
+        else:
+            enable_adapted(self.model, self.cfg.adapt, self.cfg.last_layer)
 
     def collect_params(self) -> List[Tuple[str, nn.Parameter]]:
         own = [(f"lora.{n}", p) for n, p in self.lora.named_parameters()] if self.cfg.adapt == "lora" else \
@@ -171,34 +159,16 @@ class DiffusionTTA(JudgedAdapter):
     def build_optimizer(self, params: List[nn.Parameter]) -> torch.optim.Optimizer:
         """The judge's denoiser, when it adapts, is a parameter group of its own, at backend_lr."""
         judge = {id(p) for p in self.backend.parameters()}
-        own, judged = [p for p in params if id(p) not in judge], [p for p in params if id(p) in judge]
-        optimizer = super().build_optimizer(own or judged)
-        if judged:
-            lr = self.cfg.backend_lr if self.cfg.backend_lr is not None else self.cfg.lr
-            if own:
-                optimizer.add_param_group({"params": judged, "lr": lr})
-            else:
-                optimizer.param_groups[0]["lr"] = lr
-            check_step_fits(optimizer)  # backend_lr for the judge's dtype, before anything runs
-        return optimizer
+        lr = self.cfg.backend_lr if self.cfg.backend_lr is not None else self.cfg.lr
+        groups = [{"params": [p for p in params if id(p) not in judge]},
+                  {"params": [p for p in params if id(p) in judge], "lr": lr}]
+        return super().build_optimizer([g for g in groups if g["params"]])
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The (adapted) model's output; with LoRA the low-rank updates are applied on the fly."""
         return self.lora(self.model, x) if self.cfg.adapt == "lora" else self.model(x)
 
     # ---- the loss ------------------------------------------------------------------------------------------------
-    def condition_weights(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Soft class weights (softmax over dim 1) for classifiers and segmenters, the map itself for depth."""
-        task = model_task(self.model) or ("classification" if outputs.dim() == 2 else
-                                          "depth" if outputs.shape[1] == 1 else "segmentation")
-        if task == "depth":
-            return outputs.unsqueeze(1) if outputs.dim() == 3 else outputs
-        k = self.backend.map_channels if self.backend.conditioning == "map" else self.backend.num_classes
-        if outputs.dim() < 2 or outputs.shape[1] != k:
-            raise ValueError(f"diffusion_tta: the model's output {tuple(outputs.shape)} does not give the {k} "
-                             f"class scores the {self.backend.kind} judge is conditioned on")
-        return outputs.softmax(1)
-
     def compute_gradients(self, x: torch.Tensor, x0: Optional[torch.Tensor] = None,
                           predict=None) -> torch.Tensor:
         """Accumulate the gradient of one step's loss (mean over images and `pairs` (t, eps) pairs) into the
@@ -211,7 +181,7 @@ class DiffusionTTA(JudgedAdapter):
             x0 = backend.encode(x.to(device))
         outputs = (predict or self.predict)(x)
         with autocast_for(device, cfg.autocast):
-            cond = backend.condition(self.condition_weights(outputs).to(device))
+            cond = backend.condition(condition_weights(self.model, backend, outputs, self.name).to(device))
         # The judge's gradient is gathered on a detached condition, micro-batch by micro-batch, then carried into
         # the model in one backward pass (see the module doc).
         cond_leaf = cond.detach().requires_grad_(True)
@@ -228,7 +198,8 @@ class DiffusionTTA(JudgedAdapter):
             with autocast_for(device, cfg.autocast):
                 return backend.denoising_error(x0[:1].expand(m, *x0.shape[1:]), cond_leaf[:1].expand(m, -1),
                                                t[0, :m], noise[0, :m], cfg.loss)
-        micro = self.micro_batch_for(tuple(x0.shape), one_image)
+        micro = self.micro_batch_used = self.micro_batch_sizer(cfg.micro_batch, n, tuple(x0.shape), one_image, device,
+                                                               cfg.memory_gb)
         per_image = torch.zeros(b, device=device)
         images = 1 if predict is not None else b
         for start in range(0, n, micro):
@@ -241,19 +212,6 @@ class DiffusionTTA(JudgedAdapter):
         self.last_losses = per_image / n
         self.last_loss = float(per_image.sum() / (b * n))
         return outputs
-
-    def micro_batch_for(self, shape: Tuple[int, ...], run_pairs) -> int:
-        """The configured micro-batch, or with micro_batch=0 the one sized from free memory for this input shape
-        (measured once per shape, see tta.generative.memory)."""
-        if self.cfg.micro_batch:
-            self.micro_batch_used = self.cfg.micro_batch
-        elif self._sized_for != shape:
-            device = self.backend.alphas_cumprod.device
-            budget = self.cfg.memory_gb * 2 ** 30 if self.cfg.memory_gb is not None else None
-            self.micro_batch_used = micro_batch_from_memory(run_pairs, self.cfg.pairs, device, budget_bytes=budget,
-                                                            images=shape[0])
-            self._sized_for = shape
-        return self.micro_batch_used
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         outputs = self.compute_gradients(x, self._x0)
@@ -277,9 +235,8 @@ class DiffusionTTA(JudgedAdapter):
         return self.predict_guarded(lambda: self.predict(x))  # the adapted model's prediction, as in the paper
 
     def adapt_per_example(self, x: torch.Tensor) -> torch.Tensor:
-        """Episodic adaptation of every image of the batch on its own copy of the adapted parameters, in one pass
-        (tta.per_example): the judge sees all images' pairs together. With LoRA the copies are of the low-rank
-        updates."""
+        """Every image of the batch adapted episodically on its own copy of the adapted parameters (of the LoRA
+        updates with adapt="lora"), in one pass (tta.per_example): the judge sees all images' pairs together."""
         with torch.no_grad():
             x0 = self.backend.encode(x.to(self.backend.alphas_cumprod.device))
 
