@@ -469,11 +469,11 @@ def run_worker(kind: str, args: Dict[str, Any], threads: int, timeout: int = 360
 
 def quick_suite_rows(method: str = "diffusion_classifier") -> Dict[str, float]:
     """Accuracy per domain of `method` in the committed quick-suite results (results/quick.jsonl), if any."""
+    from tta.bench.results import read_rows
     path = ROOT / "results" / "quick.jsonl"
     if not path.exists():
         return {}
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {r["domain"]: r["metrics"]["accuracy"] for r in rows if r.get("method") == method}
+    return {r["domain"]: r["metrics"]["accuracy"] for r in read_rows(path) if r.get("method") == method}
 
 
 def classifier_section(dc: Dict[str, Any], schedules, limit: int, jobs: int, quick_setting: str) -> List[str]:
