@@ -8,7 +8,8 @@ The divergence guard applies image by image (tta.guard.step_copies, tta.guard.un
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -41,17 +42,12 @@ def adapt_per_example(adapter: "Adapter", x: torch.Tensor, step: Callable[[Predi
         return functional_call(owner, {**fixed, **params}, (*lead, example.unsqueeze(0)), call_kwargs or {}).squeeze(0)
 
     def predict(examples: torch.Tensor) -> torch.Tensor:
-        # Under vmap nn.MultiheadAttention cannot tell that its weights need gradients and takes its inference
-        # fast path, which has no backward: keep it on the regular path for this call.
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
         try:
-            return vmap(one)(copies, examples)
+            with attention_without_fast_path():
+                return vmap(one)(copies, examples)
         except RuntimeError as e:  # vmap cannot batch every operation (in-place updates, data-dependent code)
             raise RuntimeError(f"per_example=True could not run this model under torch.func.vmap ({e}); "
                                "use per_example=False and batches of one image") from e
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
 
     with torch.enable_grad():
         for _ in range(adapter.cfg.steps):
@@ -64,3 +60,18 @@ def adapt_per_example(adapter: "Adapter", x: torch.Tensor, step: Callable[[Predi
             if bad.any():
                 outputs[bad] = predict_source(x[bad]).to(outputs.dtype)
         return outputs
+
+
+@contextlib.contextmanager
+def attention_without_fast_path() -> Iterator[None]:
+    """nn.MultiheadAttention on its regular path inside the block, and as it was before on exit (also on error).
+
+    Under vmap nn.MultiheadAttention cannot tell that its weights need gradients and takes its inference fast path,
+    which has no backward. torch offers only a process-wide switch for that path, so it is turned off for the block
+    alone and put back."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
