@@ -147,7 +147,7 @@ def test_method_ignores_the_model_and_has_nothing_to_train(folders):
     adapter = tta.create_adapter("diffusion_classifier", tiny_model(), backend=folders["pixel-unet"],
                                  samples=(6,), seed=0, micro_batch=10)
     assert adapter.adapted_names == [] and adapter.optimizer is None
-    assert not any(k.startswith("classifier.") for k in adapter._source_state["module"]), "the judge is not copied"
+    assert not any(k.startswith("classifier.") for k in adapter.source_state_dict), "the judge is not copied"
     reference = DiffusionClassifier(tta.generative.create_backend(folders["pixel-unet"]), samples=(6,), seed=0)
     assert torch.allclose(adapter(images), reference(images), atol=1e-5)
     assert adapter.cfg.backend == folders["pixel-unet"]
