@@ -38,3 +38,13 @@ def fixed_draws(monkeypatch):
         return t[state["rows"]].to(x0.device), eps[state["rows"]].to(x0.device, x0.dtype)
     monkeypatch.setattr(dtta, "sample_pairs", fake_pairs)
     return state
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A checkpoint file of timm's tiny test_resnet (10 classes, 32x32) for benchmark runs."""
+    import timm
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tiny.pth"
+    torch.save(timm.create_model("test_resnet", pretrained=False, num_classes=10).state_dict(), path)
+    return path

@@ -11,14 +11,6 @@ from tta.bench.runner import run_benchmark
 from tta.bench.spec import parse_spec
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tiny.pth"
-    torch.save(timm.create_model("test_resnet", pretrained=False, num_classes=10).state_dict(), path)
-    return path
-
-
 def spec_values(weights, **extra):
     values = {
         "name": "tiny", "batch_size": 4,

@@ -3,7 +3,6 @@ interrupted run that resumes to exactly the rows of an uninterrupted one."""
 import json
 
 import pytest
-import timm
 import torch
 
 from tta.bench.datasets import BuildContext, DataConfig, register_data_kind, with_corruptions
@@ -40,14 +39,6 @@ class Flaky(torch.utils.data.Dataset):
 def _flaky(cfg: DataConfig, ctx: BuildContext):
     base = open_images("foolbox:cifar10", ctx.input_size, ctx.class_names)
     return with_corruptions(Flaky(base), cfg, "test-flaky", ctx.input_size, name="cifar10")
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tiny.pth"
-    torch.save(timm.create_model("test_resnet", pretrained=False, num_classes=10).state_dict(), path)
-    return path
 
 
 def spec_values(weights, kind="foolbox", cache=None, **extra):
