@@ -106,6 +106,9 @@ class Adapter(nn.Module, metaclass=_SnapshotWhenBuilt):
     # True for methods whose setting is one example at a time (MEMO, Diffusion-TTA, IT3, slow inference): a caller
     # that streams data (tta run) then gives them one example per call, so progress and cost show per example.
     one_example_per_call: bool = False
+    # True for methods that adapt on each example of a batch on its own (MEMO, slow inference): a call then runs the
+    # whole loop, episodic reset included, once per example.
+    split_batch: bool = False
 
     def __init__(self, model: nn.Module, cfg: Any = None, *, modules: Optional[Dict[str, nn.Module]] = None,
                  **overrides):
@@ -147,6 +150,13 @@ class Adapter(nn.Module, metaclass=_SnapshotWhenBuilt):
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.split_batch:
+            check_batch(x)  # a batch to split, before any example is adapted
+            return torch.cat([self.adapt_call(example) for example in x.split(1)])
+        return self.adapt_call(x)
+
+    def adapt_call(self, x: torch.Tensor) -> torch.Tensor:
+        """One adaptation on the batch x and its prediction: the checks, the loop, the episodic reset."""
         x = self.check_input(x)
         # Refusals found only once the network runs (a size it cannot take, outputs that are not class scores)
         # come after batch-norm layers in training mode counted the batch; they come in the first forward pass,

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Dict, Optional
 import torch
 from annotated_types import Interval, doc
 
-from ..adapter import Adapter, AdapterConfig, check_batch, register_adapter
+from ..adapter import Adapter, AdapterConfig, register_adapter
 from ..augment import MEMO_CROPS, memo_augment, memo_augment_official
 from ..config import LARGE, Fraction, Rate, Views, fill_from_preset
 from ..losses import marginal_entropy, require_class_scores
@@ -70,15 +70,11 @@ class MEMOConfig(AdapterConfig):
 class MEMO(Adapter):
     Config = MEMOConfig
     one_example_per_call = True
+    split_batch = True  # MEMO adapts on one example at a time; the base class resets after each one when episodic
 
     def configure_model(self):
         super().configure_model()
         self.model.requires_grad_(True)
-
-    def forward(self, x):
-        check_batch(x)
-        # MEMO adapts on one example at a time; the base class resets after each one when episodic.
-        return torch.cat([super(MEMO, self).forward(example) for example in x.split(1)])
 
     def adapt_and_predict(self, x):
         with batch_norm_prior(self.model, self.cfg.prior_strength):  # for the views and for the prediction

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from annotated_types import Interval, doc
 from torch import nn
 
-from ..adapter import Adapter, AdapterConfig, check_batch, register_adapter
+from ..adapter import Adapter, AdapterConfig, register_adapter
 from ..config import MAX_STEPS, NonNegative, Rate, Steps
 
 
@@ -160,12 +160,9 @@ class SlowInference(Adapter):
     def one_example_per_call(self) -> bool:
         return self.cfg.per_example
 
-    def forward(self, x):
-        if not self.cfg.per_example:
-            return super().forward(x)
-        check_batch(x)
-        # One scene at a time; the base class resets after each when episodic.
-        return torch.cat([super(SlowInference, self).forward(scene) for scene in x.split(1)])
+    @property
+    def split_batch(self) -> bool:
+        return self.cfg.per_example  # one scene at a time; the base class resets after each when episodic
 
     def adaptation_loss(self, x: torch.Tensor) -> torch.Tensor:
         """The scalar minimised at each step."""
