@@ -3,7 +3,8 @@
 A method subclasses `Adapter`, declares its `Config` dataclass with the paper's defaults and writes
 `configure_model` (which layers train, which statistics normalise), `collect_params` (what the optimizer
 updates) and `forward_and_adapt` (one step). The base class owns the snapshot of the source state, `reset()`,
-the optimizer and the episodic/online loop, so every method gets them right the same way.
+the optimizer and the episodic/online loop, so every method gets them right the same way; it applies the divergence
+guard, whose rules are tta.guard's.
 """
 from __future__ import annotations
 
