@@ -10,7 +10,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 
 COLLAPSE_MIN_BATCH = 16  # the smallest batch whose predictions the guard calls a collapse (collapsed_to_one_class)
-Count = Callable[[str, int], None]  # records `times` guard interventions of one kind (Adapter._count)
+Count = Callable[[str, int], None]  # records `times` guard interventions of one kind (Adapter.count_guard_event)
 
 
 def finite_and_largest(t: torch.Tensor, per_slice: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
