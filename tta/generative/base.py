@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.wrapper import check_images
+from ..models.wrapper import check_images, standardise_each_image
 from ..registry import Registry, unknown_name_message
 from .sampling import add_noise, per_sample_error
 
@@ -176,17 +176,19 @@ STANDARD_IMAGE_STD = 0.58
 INPUT_NORMS = ("none", "per-image")
 
 
-def normalise_judge_input(images: torch.Tensor, input_norm: str) -> torch.Tensor:
-    """`per-image`: each [-1, 1] image standardised on its own (all channels together), which makes the judge blind
-    to an image's overall brightness and contrast; `none`: unchanged. A flat image stays flat (all zeros)."""
-    if input_norm == "none":
-        return images
-    if input_norm != "per-image":
+def check_input_norm(input_norm: str) -> str:
+    if input_norm not in INPUT_NORMS:
         raise ValueError(unknown_name_message("judge input_norm", input_norm, INPUT_NORMS))
-    flat = images.flatten(1)
-    mean = flat.mean(1).view(-1, *[1] * (images.dim() - 1))
-    std = flat.std(1, unbiased=False).view(-1, *[1] * (images.dim() - 1))
-    return (images - mean) / (std + 1e-2) * STANDARD_IMAGE_STD
+    return input_norm
+
+
+def normalise_judge_input(images: torch.Tensor, input_norm: str) -> torch.Tensor:
+    """`per-image`: each [-1, 1] image standardised on its own (tta.models.wrapper.standardise_each_image) and
+    scaled to STANDARD_IMAGE_STD, which makes the judge blind to an image's overall brightness and contrast;
+    `none`: unchanged."""
+    if check_input_norm(input_norm) == "none":
+        return images
+    return standardise_each_image(images) * STANDARD_IMAGE_STD
 
 
 def labels_with_outputs(modules: Iterable[nn.Module], labels: torch.Tensor,

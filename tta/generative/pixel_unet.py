@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .base import (INPUT_NORMS, DiffusionBackend, load_component, load_scheduler, normalise_judge_input,
+from .base import (DiffusionBackend, check_input_norm, load_component, load_scheduler, normalise_judge_input,
                    prepare_images, read_metadata, register_backend, replaced_outputs, square_size)
 
 LAYOUT = "unet/ (UNet2DModel with num_class_embeds) + scheduler/ (scheduler_config.json), or a flat folder"
@@ -36,10 +36,8 @@ class PixelUNetBackend(DiffusionBackend):
             raise ValueError(f"{len(class_names)} class names given for a judge with {k} classes")
         super().__init__(scheduler, square_size(unet.config.sample_size), unet.config.out_channels,
                          class_names or [f"class_{i}" for i in range(k)])
-        if input_norm not in INPUT_NORMS:
-            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
         self.unet = unet.eval().requires_grad_(False)
-        self.input_norm = input_norm
+        self.input_norm = check_input_norm(input_norm)
 
     @classmethod
     def from_pretrained(cls, path: str, class_names: Optional[Sequence[str]] = None, torch_dtype=None,

@@ -15,6 +15,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def standardise_each_image(x: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """Each image of a batch shifted to zero mean and scaled to unit standard deviation on its own (all channels
+    together): blind to its overall brightness and contrast. `eps` keeps a flat image flat (all zeros)."""
+    flat = x.flatten(1)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    return (x - flat.mean(1).view(shape)) / (flat.std(1, unbiased=False).view(shape) + eps)
+
+
 def check_images(x: torch.Tensor, channels: Optional[int] = None, name: str = "images") -> None:
     """Images must be float (B, C, H, W) in [0, 1]; the messages say how to fix the common mistakes."""
     if not isinstance(x, torch.Tensor):

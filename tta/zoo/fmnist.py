@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from ..models.weights import load_weights
-from ..models.wrapper import ImageModel
+from ..models.wrapper import ImageModel, standardise_each_image
 from .ddpm import log_progress
 from .registry import ZooMember, register_member
 
@@ -46,9 +46,7 @@ class PerImageStandardise(nn.Module):
     contrast. The control for fmnist-judge-std: the same input normalisation without a generative model."""
 
     def forward(self, x):
-        flat = x.flatten(1)
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        return (x - flat.mean(1).view(shape)) / (flat.std(1, unbiased=False).view(shape) + 1e-2)
+        return standardise_each_image(x)
 
 
 def load_classifier(path: Optional[Path], standardise: bool = False) -> ImageModel:
