@@ -127,3 +127,21 @@ def test_reports_state_the_command_that_made_them(tmp_path):
         append_row(out, r)
     assert main(["report", str(out), "--no-plots"]) == 0
     assert f"Command: `tta report {out} --no-plots`" in (tmp_path / "r.md").read_text()
+
+
+def test_the_replication_sees_none_of_the_evidence_images():
+    from pathlib import Path
+    from tta.bench.datasets import BuildContext, build_domains
+    from tta.bench.spec import load_spec
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    first, again = load_spec(root / "evidence.yaml"), load_spec(root / "evidence-replication.yaml")
+    for spec in (first, again):
+        spec.data.corruptions, spec.data.cache = None, None  # the clean domain holds the same images as every other
+    ctx = BuildContext(input_size=(1, 28, 28))
+    (a,), (b,) = build_domains(first.data, ctx), build_domains(again.data, ctx)
+    a_idx, b_idx = list(a.dataset.indices), list(b.dataset.indices)
+    assert len(a_idx) == len(b_idx) == 200 and not set(a_idx) & set(b_idx)
+    labels = a.dataset.dataset.targets
+    assert all(sum(int(labels[i]) == c for i in b_idx) == 20 for c in range(10))
+    assert {k: v for k, v in vars(first.data).items() if k != "exclude_per_class"} == \
+        {k: v for k, v in vars(again.data).items() if k != "exclude_per_class"}

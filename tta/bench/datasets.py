@@ -38,6 +38,9 @@ class DataConfig:
     part: Optional[str] = None             # "evaluation" | "held_out": one of two disjoint seeded halves of each
                                            # class, so settings are chosen on images that are never reported
     per_class: Optional[int] = None        # seeded per-class subsample (the papers use 3-5 images per class)
+    # leave out the images that `per_class: N` draws (same part and subsample_seed) before drawing per_class: a
+    # replication on images that an earlier run at per_class N never saw
+    exclude_per_class: Optional[int] = None
     max_images: Optional[int] = None       # seeded random subset of at most this many images per domain
     subsample_seed: int = 0
 
@@ -113,13 +116,17 @@ PARTS = ("evaluation", "held_out")
 def _subsample(domain: Domain, cfg: DataConfig, limit: Optional[int]) -> Domain:
     n = len(domain.dataset)
     idx = list(range(n))
-    if cfg.part is not None or cfg.per_class is not None:
+    if cfg.part is not None or cfg.per_class is not None or cfg.exclude_per_class is not None:
         labels = labels_of(domain.dataset)
         if labels is None:
-            raise ValueError(f"data kind {cfg.kind!r} has no per-image class labels, so part/per_class cannot apply; "
+            raise ValueError(f"data kind {cfg.kind!r} has no per-image class labels, so part/per_class/"
+                             "exclude_per_class cannot apply; "
                              "use max_images instead")
         if cfg.part is not None:
             idx = half_of_each_class(labels, cfg.part, cfg.subsample_seed)
+        if cfg.exclude_per_class is not None:
+            seen = set(per_class_indices([labels[i] for i in idx], cfg.exclude_per_class, cfg.subsample_seed))
+            idx = [i for j, i in enumerate(idx) if j not in seen]
         if cfg.per_class is not None:
             chosen = per_class_indices([labels[i] for i in idx], cfg.per_class, cfg.subsample_seed)
             idx = [idx[j] for j in chosen]

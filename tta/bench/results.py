@@ -41,6 +41,7 @@ ADDED_FIELDS: Dict[str, Dict[str, Any]] = {
     "adapter:sar": {"preset": "tta", "always_step": False, "recovery": "source", "lr_rule": "fixed"},
     "adapter:memo": {"preset": "tta", "prior_strength": -1.0, "augment": "tta", "crop": "resized"},
     "adapter:norm": {"preset": "tta", "bn_eps": -1.0},
+    "data": {"exclude_per_class": None},
 }
 
 
