@@ -110,6 +110,11 @@ class Adapter(nn.Module, metaclass=_SnapshotWhenBuilt):
     # True for methods that adapt on each example of a batch on its own (MEMO, slow inference): a call then runs the
     # whole loop, episodic reset included, once per example.
     split_batch: bool = False
+    # True for methods whose call can report the model's outputs before each of its update steps and after the last
+    # (Diffusion-TTA): a caller that sets `outputs_by_step` to a list gets them appended, steps + 1 entries per call,
+    # so one run at N steps shows the accuracy after 0, 1, ..., N steps (tta bench's record_steps).
+    records_steps: bool = False
+    outputs_by_step: Optional[List[torch.Tensor]] = None
 
     def __init__(self, model: nn.Module, cfg: Any = None, *, modules: Optional[Dict[str, nn.Module]] = None,
                  **overrides):

@@ -220,38 +220,54 @@ class ClassificationMeter(Meter):
     """Top-1 accuracy and ECE; `class_subset` restricts the prediction to those output indices (ImageNet-A/R)."""
     task, primary = "classification", "accuracy"
 
-    def __init__(self, class_subset: Optional[Sequence[int]] = None, n_bins: int = 15):
+    def __init__(self, class_subset: Optional[Sequence[int]] = None, n_bins: int = 15, record_steps: bool = False):
+        """`record_steps`: each update also takes the model's outputs before every adaptation step and after the
+        last (Adapter.outputs_by_step), and the per-image records keep each image's prediction and correctness
+        after 0, 1, ..., N steps (step_pred, step_correct)."""
         self.subset = torch.as_tensor(list(class_subset)) if class_subset is not None else None
         self.n_bins = n_bins
+        self.record_steps = record_steps
         self.confidence: List[float] = []
         self.correct: List[bool] = []
         self.n = 0
-        self._start_records("pred", "correct")
+        self._start_records("pred", "correct", *(("step_pred", "step_correct") if record_steps else ()))
 
-    def update(self, outputs: torch.Tensor, target: torch.Tensor, ids: Optional[torch.Tensor] = None) -> None:
+    def _predict(self, outputs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Confidence and predicted class of (B, K) logits (within class_subset, if any)."""
         if outputs.dim() != 2:
             raise ValueError(f"classification benchmarks need (B, K) logits, got shape {tuple(outputs.shape)}")
         logits = outputs.detach().float().cpu()
         if self.subset is not None:
             logits = logits[:, self.subset]
-        probs = logits.softmax(1)
-        conf, pred = probs.max(1)
-        if self.subset is not None:
-            pred = self.subset[pred]
+        conf, pred = logits.softmax(1).max(1)
+        return conf, self.subset[pred] if self.subset is not None else pred
+
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, ids: Optional[torch.Tensor] = None,
+               steps: Optional[Sequence[torch.Tensor]] = None) -> None:
+        conf, pred = self._predict(outputs)
         target = target.cpu()
         self.n += len(target)
         mask = target >= 0
         self.confidence += conf[mask].tolist()
         correct = (pred[mask] == target[mask]).tolist()
         self.correct += correct
+        by_step = {}
+        if self.record_steps:
+            if not steps:
+                raise ValueError("this meter records every step's prediction, but the adapter reported no step "
+                                 "outputs for this batch (Adapter.outputs_by_step)")
+            preds = torch.stack([self._predict(o)[1] for o in steps], 1)[mask]  # (labelled images, steps + 1)
+            by_step = {"step_pred": preds.tolist(),
+                       "step_correct": (preds == target[mask, None]).int().tolist()}
         self._record(None if ids is None else ids.cpu()[mask], pred=pred[mask].tolist(),
-                     correct=[int(c) for c in correct])
+                     correct=[int(c) for c in correct], **by_step)
 
     def running(self) -> Optional[float]:
         return sum(self.correct) / len(self.correct) if self.correct else None
 
     def config(self) -> Dict[str, Any]:
-        return {"class_subset": None if self.subset is None else self.subset.tolist(), "n_bins": self.n_bins}
+        return {"class_subset": None if self.subset is None else self.subset.tolist(), "n_bins": self.n_bins,
+                "record_steps": self.record_steps}
 
     def totals(self) -> Dict[str, Any]:
         return {"confidence": self.confidence, "correct": self.correct}
@@ -420,9 +436,13 @@ def merge_meters(states: Sequence[Mapping[str, Any]]) -> Meter:
     return METERS[tasks.pop()].merge(states)
 
 
-def make_meter(task: str, num_classes: Optional[int] = None, class_subset: Optional[Iterable[int]] = None):
+def make_meter(task: str, num_classes: Optional[int] = None, class_subset: Optional[Iterable[int]] = None,
+               record_steps: bool = False):
+    if record_steps and task != "classification":
+        raise ValueError(f"record_steps records each step's class prediction: classification only, not {task}")
     if task == "classification":
-        return ClassificationMeter(list(class_subset) if class_subset is not None else None)
+        return ClassificationMeter(list(class_subset) if class_subset is not None else None,
+                                   record_steps=record_steps)
     if task == "segmentation":
         if not num_classes:
             raise ValueError("segmentation metrics need the number of classes (the model's class_names)")

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .metrics import MCE_BASELINES, TASK_METRICS, mean_corruption_error
 from .results import read_rows, unique_rows
 from .stats import compare_rows, format_p
+from .step_report import step_sections
 
 FRACTIONS = {"accuracy", "error", "ece", "miou", "pixel_accuracy", "delta1", "ssim"}  # shown in percent
 GROUP_FIELDS = ("benchmark", "model", "data_id", "setting")
@@ -401,6 +402,7 @@ def write_report(paths: Sequence, out: Optional[str] = None, plots: bool = True,
                 tail = cells[1 + len(g.domains):]
                 csv_rows.append([*g.key, metric, cells[0]] + [by_domain.get(d, "") for d in domain_union]
                                 + [tail[0], tail[1] if source else ""])
+        md += step_sections(g.method_rows, _markdown_table)
         legend = g.legend()
         if legend:
             md += ["**Labels**: one method run in several ways is numbered; what each number is:", "",

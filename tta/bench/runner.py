@@ -248,6 +248,10 @@ class Runner:
         self.shard = shard if shard is not None else ShardPolicy()
         self.sink = sink if sink is not None else ResultsFile(out)
         self.jobs = plan_jobs(spec, selected)
+        for job in self.jobs:
+            if job.method.record_steps and job.setting == "mixed":
+                raise ValueError(f"method {job.method.label}: record_steps works per domain; the mixed setting "
+                                 "interleaves domains in a batch: give the method settings without mixed")
         self.limit = limit
         self.written = 0  # rows this run has written so far (read after an interruption)
         self.download = download
@@ -355,9 +359,9 @@ class Runner:
         return prepare_adapter(adapter, self.spec.data, job.batch_size, job.seed, self.device, self.download,
                                self.on_error, self.num_workers, job.method.label)
 
-    def _meter(self, domain: Domain, task: str, model_classes: Optional[int]):
+    def _meter(self, domain: Domain, task: str, model_classes: Optional[int], record_steps: bool = False):
         n = len(domain.class_names) if domain.class_names else model_classes
-        return make_meter(task, n, domain.class_subset)
+        return make_meter(task, n, domain.class_subset, record_steps)
 
     def _step(self, adapter, x: torch.Tensor) -> (torch.Tensor, float):
         x = x.to(self.device, non_blocking=True)
@@ -370,9 +374,13 @@ class Runner:
     def _run_domains(self, j: int, adapter, domains: List[Domain], ks: List[int], task: str, bars) -> int:
         job, written = self.jobs[j], 0
         classes = len(adapter.model.class_names) if getattr(adapter.model, "class_names", None) else None
+        record_steps = job.method.record_steps
+        if record_steps and not adapter.records_steps:
+            raise ValueError(f"method {job.method.label}: record_steps needs a method that reports each step's "
+                             f"outputs; {job.method.name} does not (those that do: diffusion_tta)")
         for k in ks:
             d = domains[k]
-            meter = self._meter(d, task, classes)
+            meter = self._meter(d, task, classes, record_steps)
             curve, model_s, batches, log = [], 0.0, 0, []
             events_before = dict(getattr(adapter, "guard_events", {}))
             bar = bars.domain(-(-len(d.dataset) // job.batch_size), f"{job.method.label} {job.setting} {d.label}")
@@ -389,8 +397,10 @@ class Runner:
                     # seed, the domain and the batch, not on which batches ran before: a torchrun shard or a
                     # resumed run gives the rows of one uninterrupted process.
                     torch.manual_seed(episode_seed(job.seed, k, batch.index))
+                if record_steps:
+                    adapter.outputs_by_step = []
                 out, seconds = self._step(adapter, batch.x)
-                meter.update(out, batch.y, batch.ids)
+                meter.update(out, batch.y, batch.ids, **({"steps": adapter.outputs_by_step} if record_steps else {}))
                 log.append({"index": batch.index, "n": len(batch.x),
                             "labelled": int((batch.y >= 0).sum()) if batch.y.dim() == 1 else None,
                             "seconds": round(seconds, 6)})

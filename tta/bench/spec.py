@@ -126,6 +126,9 @@ class MethodSpec:
     settings: Optional[List[str]] = None
     model: Optional[ModelSpec] = None      # the method's own model, when it needs one (it3, slow_inference)
     limit: Optional[int] = None            # at most this many images per domain (slow per-example methods)
+    # also store each image's prediction after 0, 1, ..., steps updates (methods with Adapter.records_steps): one
+    # run at N steps then shows every step count up to N; it observes the run and changes none of its results
+    record_steps: bool = False
 
     def __post_init__(self):
         self.label = self.label or self.name
@@ -137,6 +140,8 @@ class MethodSpec:
             check_setting(s)
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"method {self.label}: limit must be a positive integer, got {self.limit!r}")
+        if not isinstance(self.record_steps, bool):
+            raise ValueError(f"method {self.label}: record_steps must be true or false, got {self.record_steps!r}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ValueError(f"method {self.label}: batch_size must be a positive integer, got {self.batch_size!r}")
 

@@ -116,6 +116,7 @@ class DiffusionTTAConfig(AdapterConfig):
 @register_adapter("diffusion_tta")
 class DiffusionTTA(JudgedAdapter):
     Config = DiffusionTTAConfig
+    records_steps = True
 
     @property
     def one_example_per_call(self) -> bool:
@@ -221,18 +222,30 @@ class DiffusionTTA(JudgedAdapter):
     def adapt_and_predict(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.steps == 0:
             with torch.no_grad():
-                return self.predict(x)
+                outputs = self.predict(x)
+            if self.outputs_by_step is not None:
+                self.outputs_by_step.append(outputs)
+            return outputs
         if self.cfg.per_example and x.shape[0] > 1:
+            if self.outputs_by_step is not None:
+                raise ValueError("diffusion_tta: per_example adapts every image at once and cannot report each "
+                                 "step's outputs; set per_example: false to record steps")
             return self.adapt_per_example(x)
         with torch.no_grad():
             self._x0 = self.backend.encode(x.to(self.backend.alphas_cumprod.device))  # once per image
+        log = self.outputs_by_step
         try:
             with torch.enable_grad():  # adapt even when called under torch.no_grad()
                 for _ in range(self.cfg.steps):
-                    self.forward_and_adapt(x)
+                    outputs = self.forward_and_adapt(x)  # computed before this step's update
+                    if log is not None:
+                        log.append(outputs.detach())
         finally:
             self._x0 = None
-        return self.predict_guarded(lambda: self.predict(x))  # the adapted model's prediction, as in the paper
+        outputs = self.predict_guarded(lambda: self.predict(x))  # the adapted model's prediction, as in the paper
+        if log is not None:
+            log.append(outputs)
+        return outputs
 
     def adapt_per_example(self, x: torch.Tensor) -> torch.Tensor:
         """Every image of the batch adapted episodically on its own copy of the adapted parameters (of the LoRA
