@@ -19,6 +19,17 @@ Presets (`preset`; a field given explicitly wins), from the authors' code (qinen
 - "official-imagenet": imagenet/cotta.py with cfgs/10orders/cotta/*.yaml: SGD lr 0.01 with Nesterov momentum 0.9,
   threshold 0.1, restore 0.001, the symmetric cross-entropy (loss: sce), the official augmentations, weight/bias only
   (on ViT and Swin, class tokens, position embeddings and relative-position tables stay fixed).
+- "zoo-cifar10" and "zoo-imagenet": the TTA zoo's settings (mariodoebler/test-time-adaptation, classification/cfgs/
+  cifar10_c/cotta.yaml and cfgs/imagenet_c/cotta.yaml over conf.py, methods/cotta.py), which are the official ones:
+  Adam lr 1e-3 betas (0.9, 0.999) (OPTIM.BETA), restore 0.01 (COTTA.RST), threshold 0.92 (COTTA.AP), cross-entropy
+  for CIFAR-10-C; SGD lr 0.01, momentum 0.9 with Nesterov (conf.py's OPTIM.NESTEROV), restore 0.001, threshold 0.1,
+  the symmetric cross-entropy (chosen by data set name) for ImageNet-C; both with teacher EMA 0.999
+  (M_TEACHER.MOMENTUM), 32 views (TEST.N_AUGMENTATIONS), no weight decay, one step, online. The zoo optimizes and
+  restores the parameters named weight or bias (its base collect_params) while its teacher follows every parameter,
+  as here. Its augmentations (augmentations/transforms_cotta.py get_tta_transforms, soft=False) are the authors':
+  the same colour jitter with gamma, edge padding, bilinear affine (fill 0, as the authors' default), 5x5 blur,
+  centre crop, flip and noise, drawn in the same order, so these presets use augment: official. The zoo, like this
+  library and unlike the authors' CIFAR code, computes the views only when the anchor is unsure.
 """
 from __future__ import annotations
 
@@ -47,12 +58,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                           "confidence_threshold": 0.1, "loss": "sce", "adapt": "weight_bias",
                           "augment": "official"},                                        # imagenet/cotta.py
 }
+PRESETS["zoo-cifar10"] = PRESETS["official-cifar10"]      # zoo cfgs/cifar10_c/cotta.yaml: the same values
+PRESETS["zoo-imagenet"] = PRESETS["official-imagenet"]    # zoo cfgs/imagenet_c/cotta.yaml: the same values
 
 
 @dataclass
 class CoTTAConfig(AdapterConfig):
-    preset: str = "tta"                # tta | official-cifar10 | official-imagenet
-    optimizer: Optional[str] = None    # None: the preset's (adam; sgd for official-imagenet)
+    preset: str = "tta"                # tta | official-cifar10 | official-imagenet | zoo-cifar10 | zoo-imagenet
+    optimizer: Optional[str] = None    # None: the preset's (adam; sgd for official-imagenet, zoo-imagenet)
     lr: Optional[Rate] = None          # None: the preset's (1e-3; 0.01 for official-imagenet)
     momentum: Optional[Fraction] = None
     nesterov: Optional[bool] = None
