@@ -102,11 +102,6 @@ def test_no_forward_hooks_are_left_behind(judges, kind):
         import gc      # backward), and no longer
         gc.collect()
         assert not any(m._forward_hooks for m in backend.label_tables())
-        x_t, labels = torch.randn(2, *x0.shape[1:]), torch.tensor([0, 3])
-        hooked = backend.transformer(x_t, timestep=torch.tensor([5, 5]), class_labels=labels).sample
-        for m in backend.modules():
-            m._forward_hooks.clear()
-        assert torch.equal(hooked, backend.transformer(x_t, timestep=torch.tensor([5, 5]), class_labels=labels).sample)
     assert all(not m._forward_hooks for m in backend.modules())
 
 

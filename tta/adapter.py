@@ -295,10 +295,15 @@ class Adapter(nn.Module, metaclass=_SnapshotWhenBuilt):
 
     def reset(self) -> None:
         """Restore the model, every extra module and the optimizer to their state at construction, bit for bit."""
-        self.load_state_dict(self._source_state["module"])
+        self.restore_source_modules()
         if self.optimizer is not None:
             self.optimizer.load_state_dict(copy.deepcopy(self._source_state["optimizer"]))
         self.reset_extra_state()
+
+    def restore_source_modules(self) -> None:
+        """Load the snapshot into the modules; strict, as it holds every entry of state_dict() (methods that snapshot
+        only part of their modules, as JudgedAdapter, override this)."""
+        self.load_state_dict(self.source_state_dict)
 
     def extra_repr(self) -> str:
         return f"method={self.name}, cfg={self.cfg}"

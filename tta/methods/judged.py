@@ -54,14 +54,13 @@ class JudgedAdapter(Adapter):
         optim_state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
         return {"module": module_state, "optimizer": optim_state}
 
-    def reset(self) -> None:
-        missing, unexpected = self.load_state_dict(self._source_state["module"], strict=False)
+    def restore_source_modules(self) -> None:
+        """The snapshot leaves out the judge's frozen weights (they never change): load it non-strictly, and
+        refuse anything else missing or unexpected."""
+        missing, unexpected = self.load_state_dict(self.source_state_dict, strict=False)
         missing = [k for k in missing if not k.startswith(self.judge_prefix)]
         if missing or unexpected:
             raise RuntimeError(f"reset() found a changed module structure: missing {missing}, unexpected {unexpected}")
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(copy.deepcopy(self._source_state["optimizer"]))
-        self.reset_extra_state()
 
 
 def device_of(model: nn.Module) -> Optional[torch.device]:
