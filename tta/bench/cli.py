@@ -57,7 +57,8 @@ def cmd_bench(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
     made = write_report([args.results], out=args.out, plots=not args.no_plots,
-                        command=getattr(args, "command_line", None), pairs=args.pair or ())
+                        command=getattr(args, "command_line", None), pairs=args.pair or (),
+                        published=args.published)
     for kind in ("markdown", "csv", "plots"):
         for p in made[kind]:
             print(p)
@@ -111,6 +112,9 @@ def register(subparsers) -> None:
     p.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"),
                    help="also compare label A with label B image by image, e.g. two models' source rows "
                         "(repeatable)")
+    p.add_argument("--published", metavar="FILE",
+                   help="a published-numbers table, e.g. benchmarks/published/cifar10-c.yaml: each published row "
+                        "beside your run of the same method and setting, with the difference")
     p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser("compare", help="one report over several results files")

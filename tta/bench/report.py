@@ -230,6 +230,80 @@ def asked_pairs(rows: Sequence[dict], pairs: Sequence[Tuple[str, str]]) -> List[
     return lines
 
 
+def published_section(rows: Sequence[dict], table) -> List[str]:
+    """Each entry of a published table (tta.bench.published) beside the user's runs of the same method (adapter)
+    and setting on the table's benchmark and severity: yours, published and yours - published per corruption and
+    on the mean, in the table's unit (the rows' accuracy converted). Says which entries and which runs have no
+    match. Raises ValueError when the results hold no row of the table's benchmark at its severity."""
+    mine = [r for r in rows if r.get("benchmark") == table.benchmark and r.get("severity") == table.severity
+            and r.get("domain") in table.corruptions and (r.get("metrics") or {}).get("accuracy") is not None]
+    if not mine:
+        benchmarks = sorted({str(r.get("benchmark")) for r in rows})
+        raise ValueError(f"--published {table.path}: no rows of benchmark {table.benchmark!r} at severity "
+                         f"{table.severity} with accuracy in these results (benchmarks here: {', '.join(benchmarks)}); "
+                         "pass the table of the benchmark you ran, or set its `benchmark` to your benchmark's name")
+    groups = group_rows(mine)
+    several_models = len({g.key[1] for g in groups}) > 1
+    unit = f"{table.unit} %"
+    cols = table.corruptions
+
+    def fmt(v: Optional[float], signed: bool = False) -> str:
+        return "" if v is None else (f"{v:+.1f}" if signed else f"{v:.1f}")
+
+    md = [f"## Published numbers: {Path(table.path).name}", "",
+          f"{table.dataset}, severity {table.severity}, in {unit}. Each published row (method, setting [source]) "
+          f"beside your runs of the same method and setting: yours, published, and the difference yours - published "
+          f"per corruption and on the mean, in points. Your {table.unit} is {'100 - ' if table.unit == 'error' else ''}"
+          f"100 x your rows' accuracy, averaged over seeds. Setting `any`: a stateless method, compared in every "
+          f"setting you ran. The published mean is the source's own (marked * where the source prints none and it is "
+          f"the mean of the printed values); yours is left blank unless your run has every corruption. Mind each "
+          f"source's backbone, images and batch size (listed below): a difference may be the setup, not the method.",
+          ""]
+    matched_entries, unmatched_runs = set(), []
+    for g in groups:
+        setting = g.key[3]
+        for label in g.methods:
+            runs = g.method_rows[label]
+            adapter = runs[0].get("adapter") or runs[0]["method"]
+            entries = [e for e in table.entries if e.matches(adapter, setting)]
+            name = f"{label} ({adapter}, {setting}" + (f", {g.key[1]})" if several_models else ")")
+            if not entries:
+                unmatched_runs.append(name)
+                continue
+            by_domain: Dict[str, List[float]] = {}
+            for r in runs:
+                by_domain.setdefault(r["domain"], []).append(table.from_accuracy(r["metrics"]["accuracy"]))
+            yours = {c: sum(v) / len(v) for c, v in by_domain.items()}
+            your_mean = sum(yours[c] for c in cols) / len(cols) if all(c in yours for c in cols) else None
+            body = [["yours: " + name] + [fmt(yours.get(c)) for c in cols] + [fmt(your_mean)]]
+            for e in entries:
+                matched_entries.add(id(e))
+                published_mean = e.mean(cols)
+                star = "*" if e.printed_mean is None and published_mean is not None else ""
+                diff_mean = None if your_mean is None or published_mean is None else your_mean - published_mean
+                body.append([f"published: {e.label}"] + [fmt(e.values.get(c)) for c in cols]
+                            + [fmt(published_mean) + star])
+                body.append([f"yours - [{e.source}]"]
+                            + [fmt(yours[c] - e.values[c], True) if c in yours and c in e.values else "" for c in cols]
+                            + [fmt(diff_mean, True)])
+            md += [f"**{name}**", "", _markdown_table([unit] + cols + ["mean"], body), ""]
+    left = [e for e in table.entries if id(e) not in matched_entries]
+    if left:
+        md += ["**Published rows with no run of yours** (same method and setting): "
+               + "; ".join(e.label for e in left) + ".", ""]
+    if unmatched_runs:
+        md += ["**Your runs with no published row**: " + "; ".join(unmatched_runs) + ".", ""]
+    md += ["**Sources**:", ""]
+    for name, s in table.sources.items():
+        extra = "; ".join(f"{k.replace('_', ' ')} {s[k]}" for k in ("backbone", "images", "batch_size") if s.get(k))
+        md.append(f"- [{name}] {s['citation']}" + (f" <{s['url']}>" if s.get("url") else "") + f". {extra}."
+                  + (f" {s['note']}." if s.get("note") else ""))
+    notes = [f"- {e.label}: {e.note}" for e in table.entries if e.note]
+    if notes:
+        md += ["", "**Notes on single rows**:", ""] + notes
+    return md + [""]
+
+
 def group_rows(rows: Sequence[dict]) -> List[Group]:
     groups: Dict[Tuple, List[dict]] = OrderedDict()
     for r in rows:
@@ -363,13 +437,19 @@ def load_results(paths: Sequence) -> List[dict]:
 
 
 def write_report(paths: Sequence, out: Optional[str] = None, plots: bool = True,
-                 command: Optional[str] = None, pairs: Sequence[Tuple[str, str]] = ()) -> Dict[str, List[Path]]:
+                 command: Optional[str] = None, pairs: Sequence[Tuple[str, str]] = (),
+                 published: Optional[str] = None) -> Dict[str, List[Path]]:
     """Write <out>.md, <out>.csv and <out>-*.png (out defaults to the first results file without suffix);
     `command`, the command line that produced the report, heads it; `pairs` of labels are compared image by
-    image in a section of their own (asked_pairs), whatever group their rows are in."""
+    image in a section of their own (asked_pairs), whatever group their rows are in; `published`, a published
+    table (benchmarks/published/*.yaml), is set beside the matching runs (published_section)."""
     paths = [Path(p) for p in paths]
     rows = load_results(paths)
     asked = asked_pairs(rows, pairs)  # before anything is written: a wrong label leaves old reports alone
+    beside: List[str] = []
+    if published is not None:  # also before anything is written: a bad table leaves old reports alone
+        from .published import load_published
+        beside = published_section(rows, load_published(published))
     prefix = Path(out) if out else paths[0].with_suffix("")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     groups = group_rows(rows)
@@ -423,6 +503,7 @@ def write_report(paths: Sequence, out: Optional[str] = None, plots: bool = True,
         md += ["## Paired comparisons asked for", "",
                "Pairs named on the command line (`--pair A B`), image by image on the images both have:", ""]
         md += asked + [""]
+    md += beside
     md_path, csv_path = Path(f"{prefix}.md"), Path(f"{prefix}.csv")
     md_path.write_text("\n".join(md))
     with open(csv_path, "w", newline="") as f:
