@@ -2,16 +2,22 @@
 (mariodoebler/test-time-adaptation, classification/: conf.py, cfgs/cifar10_c/{tent,cotta}.yaml,
 cfgs/imagenet_c/{tent,cotta}.yaml, methods/base.py, methods/tent.py, methods/cotta.py,
 augmentations/transforms_cotta.py, utils/misc.py) on the tiny BN + GN + LN network of the fixtures, to 1e-5: each
-preset resolves to the zoo's values, and adaptation steps under it equal the zoo's."""
+preset resolves to the zoo's values, and adaptation steps under it equal the zoo's. Also: `tta run` computes EATA's
+Fisher regulariser from fisher_data through the harness's code path (tta.bench.source_data)."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 from fixtures import tiny_model
+from PIL import Image
 from torch import nn
 
 import tta
 from tta.adapter import ADAPTERS
+from tta.bench.source_data import fisher_batches
+from tta.cli import main
+from tta.data import open_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -264,3 +270,65 @@ def test_cotta_zoo_presets_step_as_the_zoo(preset, anchor_unsure):
         assert_same_params(model, ref_model)
         assert_same_params(adapter.teacher, ref.model_ema)
     assert torch.equal(model.net.offset, torch.zeros(1, 3, 1, 1))  # neither a weight nor a bias: fixed
+
+
+# ---- EATA's Fisher in tta run ----------------------------------------------------------------------------------
+def image_folder(root, per_class=3, classes=2):
+    """Grey 28x28 images in class folders 0, 1, ... (Fashion-MNIST's size, for zoo:fmnist-cnn)."""
+    for c in range(classes):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.random.default_rng([c, i]).integers(0, 256, (28, 28), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / str(c) / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def fishers(monkeypatch):
+    """The Fisher information each EATA adapter computes, in order."""
+    computed = []
+    original = ADAPTERS.get("eata").compute_fisher
+
+    def recording(self, batches):
+        original(self, batches)
+        computed.append(self.fisher)
+    monkeypatch.setattr(ADAPTERS.get("eata"), "compute_fisher", recording)
+    return computed
+
+
+def run_eata(data, *options):
+    return main(["run", "--model", "zoo:fmnist-cnn", "--data", str(data), "--method", "eata", "--batch-size", "4",
+                 "--seed", "3", *options])
+
+
+def test_tta_run_computes_eatas_fisher_from_a_folder(tmp_path, capsys, fishers):
+    test, clean = image_folder(tmp_path / "test"), image_folder(tmp_path / "clean", per_class=5)
+    assert run_eata(test, "--set", f"eata.fisher_data={clean}", "--set", "eata.fisher_size=8") == 0
+    out = capsys.readouterr().out
+    assert f"eata: Fisher regulariser on: Fisher information from 8 clean images of {clean}" in out
+    assert "after (eata)" in out and "EATA's Fisher information" in out
+    (fisher,) = fishers
+    # the harness's draw: 8 of the folder's 10 images, seeded by the run's seed, in batches of its batch size
+    model = tta.create_model("zoo:fmnist-cnn")
+    by_hand = tta.create_adapter("eata", model, fisher_data=str(clean), fisher_size=8)
+    by_hand.compute_fisher(fisher_batches(open_images(str(clean), model.input_size, model.class_names), 8, 4, 3))
+    assert set(fisher) == set(by_hand.fisher) == set(by_hand.adapted_names)
+    for name, (f, theta) in fisher.items():
+        torch.testing.assert_close(f, by_hand.fisher[name][0])
+        torch.testing.assert_close(theta, by_hand.fisher[name][1])
+
+
+def test_tta_run_says_whether_the_fisher_regulariser_is_on(tmp_path, capsys, fishers):
+    test = image_folder(tmp_path / "test")
+    assert run_eata(test) == 0
+    assert "eata: Fisher regulariser off: no fisher_data, so it runs as ETA" in capsys.readouterr().out
+    # clean: the --data images before the --corruption (all six: fewer than fisher_size)
+    assert run_eata(test, "--corruption", "gaussian_noise", "--set", "eata.fisher_data=clean") == 0
+    out = capsys.readouterr().out
+    assert "eata: Fisher regulariser on: Fisher information from 6 clean images of clean (all there are" in out
+    assert len(fishers) == 1
+    # without a corruption, clean would be the test images themselves: refused before any model loads
+    assert run_eata(test, "--set", "eata.fisher_data=clean") == 2
+    assert "give fisher_data a folder of clean images, or add --corruption" in capsys.readouterr().err
+    assert run_eata(test, "--set", f"eata.fisher_data={tmp_path / 'missing'}") == 2
+    assert "is not a folder" in capsys.readouterr().err

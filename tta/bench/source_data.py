@@ -5,13 +5,14 @@ read in batches of the test batch size, with batch-norm layers on batch statisti
 zoo (mariodoebler/test-time-adaptation) on 2,000 images of the source training set. Here `fisher_data: clean` takes
 the benchmark's own uncorrupted split (the kinds that corrupt on the fly have one; ImageNet-C and CIFAR-10-C files
 do not) and any other value is a folder of clean images (~ and $VARS expand, so a benchmark file can name
-`$IMAGENET_VAL` and keep its result ids free of machine paths).
+`$IMAGENET_VAL` and keep its result ids free of machine paths). `tta run` takes the same path, with "clean"
+meaning its test images before their --corruption.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Optional
+from typing import Optional, TextIO, Union
 
 import numpy as np
 import torch
@@ -27,8 +28,14 @@ NO_CLEAN_SPLIT = {"imagenet-c": "EATA's paper used 2,000 clean ImageNet validati
                              "e.g. fisher_data: $CIFAR10_TRAIN)"}
 
 
-def clean_images(fisher_data: str, data: DataConfig, ctx: BuildContext) -> Dataset:
-    """The images `fisher_data` names: the benchmark's clean split ("clean") or a folder."""
+def clean_images(fisher_data: str, data: Union[DataConfig, Dataset, None], ctx: BuildContext) -> Dataset:
+    """The images `fisher_data` names: a folder, or for "clean" the clean split of the benchmark's data (a
+    DataConfig) or the given uncorrupted images themselves (tta run's stream before its corruption)."""
+    if fisher_data == "clean" and isinstance(data, Dataset):
+        return data
+    if fisher_data == "clean" and data is None:
+        raise ValueError("fisher_data: clean takes the uncorrupted version of the test images, and these have "
+                         "none (they are not corrupted on the fly); give fisher_data a folder of clean images")
     if fisher_data == "clean":
         if data.kind in NO_CLEAN_SPLIT:
             raise ValueError(f"fisher_data: clean takes the uncorrupted split of the benchmark's data, and data kind "
@@ -48,16 +55,20 @@ def clean_images(fisher_data: str, data: DataConfig, ctx: BuildContext) -> Datas
     return open_images(str(root), ctx.input_size, ctx.class_names, ctx.on_error)
 
 
-def prepare_adapter(adapter, data: DataConfig, batch_size: int, seed: int, device, download: bool = False,
-                    on_error: str = "raise", num_workers: int = 0, label: Optional[str] = None):
-    """Run the source-data steps `adapter`'s config asks for (EATA's Fisher information); returns the adapter."""
+def prepare_adapter(adapter, data: Union[DataConfig, Dataset, None], batch_size: int, seed: int, device,
+                    download: bool = False, on_error: str = "raise", num_workers: int = 0, label: Optional[str] = None,
+                    out: Optional[TextIO] = None):
+    """Run the source-data steps `adapter`'s config asks for (EATA's Fisher information) and print whether its
+    Fisher regulariser is on (to `out`, stderr by default); returns the adapter. `data` is what fisher_data: clean
+    means (see clean_images)."""
+    out = out or sys.stderr
     cfg = adapter.cfg
     if not hasattr(cfg, "fisher_data"):
         return adapter
     name = label or adapter.name
     if cfg.fisher_data is None:
-        print(f"{name}: no fisher_data, so it runs as ETA (EATA without its Fisher regulariser; rows record "
-              "fisher_data: null)", file=sys.stderr)
+        print(f"{name}: Fisher regulariser off: no fisher_data, so it runs as ETA (EATA without it; its config "
+              "records fisher_data: null)", file=out)
         return adapter
     model = adapter.model
     ctx = BuildContext(tuple(model.input_size), getattr(model, "class_names", None), download, None, on_error)
@@ -66,7 +77,8 @@ def prepare_adapter(adapter, data: DataConfig, batch_size: int, seed: int, devic
                                                                  num_workers))
     n = min(cfg.fisher_size, len(images))
     short = "" if n == cfg.fisher_size else f" (all there are; fisher_size asks for {cfg.fisher_size})"
-    print(f"{name}: Fisher information from {n} clean images of {cfg.fisher_data}{short}", file=sys.stderr)
+    print(f"{name}: Fisher regulariser on: Fisher information from {n} clean images of {cfg.fisher_data}{short}",
+          file=out)
     return adapter
 
 
