@@ -67,7 +67,10 @@ def test_the_runner_stores_every_step_and_the_report_pairs_each_with_step_0(tiny
         assert [s[-1] for s in records["step_pred"]] == records["pred"]
         assert [s[0] for s in records["step_pred"]] == source[r["domain"]]["per_image"]["pred"]  # step 0: unadapted
         assert at_step(r, 2)["metrics"] == {"accuracy": r["metrics"]["accuracy"]}
-    md = write_report([recorded], plots=False)["markdown"][0].read_text()
+    made = write_report([recorded], plots=True)
+    assert [p.name for p in made["plots"] if p.name.endswith("-by-step.png")] == ["recorded-0-episodic-by-step.png"]
+    md = made["markdown"][0].read_text()
+    assert "![recorded-0-episodic-by-step](recorded-0-episodic-by-step.png)" in md
     assert "**dtta: accuracy after each step**" in md
     table = md.split("**dtta: accuracy after each step**")[1]
     assert "| 0 | " in table and "| 2 | " in table and "+0.0 [+0.0, +0.0], 0/0, p = 1" in table

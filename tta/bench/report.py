@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .metrics import MCE_BASELINES, TASK_METRICS, mean_corruption_error
 from .results import read_rows, unique_rows
 from .stats import compare_rows, format_p
-from .step_report import step_sections
+from .step_report import at_step, recorded_steps, step_sections
 
 FRACTIONS = {"accuracy", "error", "ece", "miou", "pixel_accuracy", "delta1", "ssim"}  # shown in percent
 GROUP_FIELDS = ("benchmark", "model", "data_id", "setting")
@@ -405,6 +405,34 @@ def plot_steps(group: Group, path: Path) -> Path:
     return _save(fig, ax, group, path)
 
 
+def plot_accuracy_by_step(group: Group, path: Path) -> Optional[Path]:
+    """Accuracy after 0, 1, ..., N adaptation steps (rows run with record_steps), corrupted mean and clean, per
+    method; None if no method of the group recorded steps."""
+    curves = []
+    for m in group.methods:
+        rows = group.method_rows[m]
+        n = recorded_steps(rows)
+        if n is None:
+            continue
+        for corrupted, part in ((True, "corrupted"), (False, "clean")):
+            chosen = [r for r in rows if (r.get("severity") is not None) == corrupted]
+            if chosen:
+                ys = [100 * sum(at_step(r, k)["metrics"]["accuracy"] for r in chosen) / len(chosen)
+                      for k in range(n + 1)]
+                curves.append((f"{m}, {part}", ys, "-" if corrupted else "--"))
+    if not curves:
+        return None
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for label, ys, style in curves:
+        ax.plot(range(len(ys)), ys, ls=style, marker="o", markersize=3, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("adaptation steps (0: the unadapted model)")
+    ax.set_ylabel("accuracy (%), mean over domains")
+    return _save(fig, ax, group, path)
+
+
 def plot_time(group: Group, path: Path) -> Path:
     """Mean primary metric over domains against the model's total wall time (adaptation + prediction)."""
     plt = _plt()
@@ -495,6 +523,8 @@ def write_report(paths: Sequence, out: Optional[str] = None, plots: bool = True,
             made = [plot_domains(g, primary, prefix.parent / f"{stem}-domains.png"),
                     plot_steps(g, prefix.parent / f"{stem}-steps.png"),
                     plot_time(g, prefix.parent / f"{stem}-time.png")]
+            by_step = plot_accuracy_by_step(g, prefix.parent / f"{stem}-by-step.png")
+            made += [by_step] if by_step is not None else []
             images += made
             md += [f"![{p.stem}]({p.name})" for p in made] + [""]
         revs = sorted({str(r.get("git")) for r in g.rows})
