@@ -882,9 +882,10 @@ def test_norm_official_preset_sets_the_authors_epsilon():
 
 # ---- the benchmark files run the setups of the tables they cite ------------------------------------------------
 @pytest.mark.parametrize("path, presets", [
-    ("benchmarks/cifar10-c.yaml", {"norm": "official", "eata": "zoo-cifar10", "sar": "zoo-cifar10",
-                                   "cotta": "official-cifar10"}),
-    ("benchmarks/imagenet-c.yaml", {"norm": "official", "eata": "official", "sar": "official",
+    ("benchmarks/cifar10-c.yaml", {"norm": "official", "tent": "official-cifar10", "eata": "zoo-cifar10",
+                                   "sar": "zoo-cifar10", "cotta": "official-cifar10"}),
+    ("benchmarks/imagenet-c.yaml", {"norm": "official", "tent": "official-imagenet",
+                                    "tent-continual": "official-imagenet", "eata": "official", "sar": "official",
                                     "cotta": "official-imagenet", "memo-episodic": "official"})])
 def test_benchmark_files_pick_the_published_presets(path, presets):
     from pathlib import Path
@@ -893,6 +894,10 @@ def test_benchmark_files_pick_the_published_presets(path, presets):
     configs = {m.label: m.resolved_config() for m in spec.methods}
     assert {label: configs[label].preset for label in presets} == presets
     assert configs["eata"].fisher_data is not None  # EATA, not ETA
+    if "tent-continual" in configs:  # EATA's README ran TENT with plain momentum (reset per corruption), CoTTA's
+        settings = {m.label: m.settings for m in spec.methods}     # Table 6 and the zoo with Nesterov (continual)
+        assert (configs["tent"].nesterov, settings["tent"]) == (False, ["reset_per_shift"])
+        assert (configs["tent-continual"].nesterov, settings["tent-continual"]) == (True, ["continual"])
 
 
 def test_sar_official_lr_rule():

@@ -12,17 +12,21 @@ from torch import nn
 from .registry import unknown_name_message
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+# What a method's `norms` field names: "all" normalisation layers, or "batch" norm only (the authors' collect_params
+# of TENT and EATA, which take BatchNorm2d alone, so that a LayerNorm or GroupNorm network has nothing to adapt there).
+NORM_KINDS = {"all": NORM_LAYERS, "batch": (nn.modules.batchnorm._BatchNorm,)}
 
 
 def freeze(model: nn.Module) -> None:
     model.requires_grad_(False)
 
 
-def norm_layers(model: nn.Module, exclude: Iterable[str] = ()) -> List[Tuple[str, nn.Module]]:
-    """Normalisation layers by qualified name; `exclude` holds fnmatch patterns on that name."""
+def norm_layers(model: nn.Module, exclude: Iterable[str] = (), kinds: str = "all") -> List[Tuple[str, nn.Module]]:
+    """Normalisation layers by qualified name; `exclude` holds fnmatch patterns on that name, `kinds` a key of
+    NORM_KINDS."""
     exclude = list(exclude)
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, NORM_LAYERS) and not any(fnmatch.fnmatch(name, p) for p in exclude)]
+            if isinstance(m, NORM_KINDS[kinds]) and not any(fnmatch.fnmatch(name, p) for p in exclude)]
 
 
 def network_of(model: nn.Module) -> nn.Module:
@@ -73,10 +77,11 @@ def batch_norm_prior(model: nn.Module, strength: float) -> Iterator[None]:
             handle.remove()
 
 
-def enable_norm_affine(model: nn.Module, exclude: Iterable[str] = ()) -> List[str]:
-    """Turn on gradients for the affine parameters of normalisation layers; returns their qualified names."""
+def enable_norm_affine(model: nn.Module, exclude: Iterable[str] = (), kinds: str = "all") -> List[str]:
+    """Turn on gradients for the affine parameters of normalisation layers (of NORM_KINDS[kinds]); returns their
+    qualified names."""
     names = []
-    for layer_name, layer in norm_layers(model, exclude):
+    for layer_name, layer in norm_layers(model, exclude, kinds):
         for pname, p in layer.named_parameters(recurse=False):
             p.requires_grad_(True)
             names.append(f"{layer_name}.{pname}" if layer_name else pname)

@@ -36,7 +36,7 @@ ROW_FIELDS = KEY_FIELDS + ("metrics",)
 # rows made with the old default are told apart from those with the new one.
 ADDED_FIELDS: Dict[str, Dict[str, Any]] = {
     "adapter": {"nesterov": False},
-    "adapter:tent": {"preset": "tta"},
+    "adapter:tent": {"preset": "tta", "norms": "all"},
     "adapter:eata": {"preset": "tta", "fisher_data": None, "fisher_size": 2000, "keep_average_on_reset": False},
     "adapter:cotta": {"preset": "tta", "loss": "ce", "adapt": "all", "augment": "tta"},
     "adapter:sar": {"preset": "tta", "always_step": False, "recovery": "source", "lr_rule": "fixed"},
