@@ -37,7 +37,8 @@ ROW_FIELDS = KEY_FIELDS + ("metrics",)
 ADDED_FIELDS: Dict[str, Dict[str, Any]] = {
     "adapter": {"nesterov": False},
     "adapter:tent": {"preset": "tta", "norms": "all"},
-    "adapter:eata": {"preset": "tta", "fisher_data": None, "fisher_size": 2000, "keep_average_on_reset": False},
+    "adapter:eata": {"preset": "tta", "fisher_data": None, "fisher_size": 2000, "keep_average_on_reset": False,
+                     "norms": "all"},
     "adapter:cotta": {"preset": "tta", "loss": "ce", "adapt": "all", "augment": "tta"},
     "adapter:sar": {"preset": "tta", "always_step": False, "recovery": "source", "lr_rule": "fixed"},
     "adapter:memo": {"preset": "tta", "prior_strength": -1.0, "augment": "tta", "crop": "resized"},

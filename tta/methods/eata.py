@@ -18,11 +18,16 @@ Presets (`preset`; a field given explicitly wins):
 - "tta" (the default): the ImageNet hyperparameters of the authors' main.py (SGD lr 2.5e-4, momentum 0.9,
   d_margin 0.05, alpha 2000); reset() also clears the moving average of predictions.
 - "official": the same, and reset() keeps the moving average as the authors' EATA.reset() does (it restores the
-  weights and the optimizer only), which changes reset_per_shift runs after the first shift.
+  weights and the optimizer only), which changes reset_per_shift runs after the first shift; only batch-norm layers
+  adapt (norms: batch), as mr-eggplant/EATA eata.py's collect_params (BatchNorm2d alone).
 - "zoo-cifar10": the TTA zoo's CIFAR-10-C setting (mariodoebler/test-time-adaptation cfgs/cifar10_c/eata.yaml):
   Adam lr 1e-3, d_margin 0.4, alpha 1, 2,000 source images.
 - "zoo-imagenet": the zoo's ImageNet-C setting (cfgs/imagenet_c/eata.yaml): the official hyperparameters with the
   zoo's default Nesterov momentum.
+Every preset but official adapts the affine parameters of every normalisation layer (norms: all): on a LayerNorm or
+GroupNorm network that is how EATA was run by the SAR authors (mr-eggplant/SAR eata.py: BatchNorm2d, GroupNorm,
+LayerNorm) and by the zoo (methods/eata.py: BatchNorm1d/2d, LayerNorm, GroupNorm); on a batch-norm network every
+preset adapts the same parameters.
 """
 from __future__ import annotations
 
@@ -37,16 +42,17 @@ from annotated_types import Interval, doc
 from ..adapter import Adapter, AdapterConfig, register_adapter
 from ..config import Fraction, NonNegative, Rate, fill_from_preset
 from ..losses import require_class_scores, softmax_entropy
-from ..params import enable_norm_affine, use_batch_statistics
+from ..params import NORM_KINDS, enable_norm_affine, use_batch_statistics
+from ..registry import unknown_name_message
 
 _IMAGENET = {"optimizer": "sgd", "lr": 2.5e-4, "momentum": 0.9, "nesterov": False, "d_margin": 0.05,
              "fisher_alpha": 2000.0}
 PRESETS: Dict[str, Dict[str, Any]] = {
-    "tta": {**_IMAGENET, "keep_average_on_reset": False},
-    "official": {**_IMAGENET, "keep_average_on_reset": True},                 # mr-eggplant/EATA main.py, eata.py
+    "tta": {**_IMAGENET, "keep_average_on_reset": False, "norms": "all"},
+    "official": {**_IMAGENET, "keep_average_on_reset": True, "norms": "batch"},  # mr-eggplant/EATA main.py, eata.py
     "zoo-cifar10": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "nesterov": False, "d_margin": 0.4,
-                    "fisher_alpha": 1.0, "keep_average_on_reset": False},   # zoo cfgs/cifar10_c/eata.yaml
-    "zoo-imagenet": {**_IMAGENET, "nesterov": True, "keep_average_on_reset": False},  # zoo cfgs/imagenet_c
+                    "fisher_alpha": 1.0, "keep_average_on_reset": False, "norms": "all"},  # zoo cifar10_c/eata.yaml
+    "zoo-imagenet": {**_IMAGENET, "nesterov": True, "keep_average_on_reset": False, "norms": "all"},  # imagenet_c
 }
 
 
@@ -64,10 +70,13 @@ class EATAConfig(AdapterConfig):
     fisher_data: Optional[str] = None
     fisher_size: Annotated[int, Interval(ge=1, le=10_000_000), doc("clean images for the Fisher")] = 2000
     keep_average_on_reset: Optional[bool] = None  # reset() keeps the moving average of predictions (official)
+    norms: Optional[str] = None        # all | batch: the normalisation layers adapted (batch for official)
 
     def __post_init__(self):
         fill_from_preset(self, PRESETS)
         super().__post_init__()
+        if self.norms not in NORM_KINDS:
+            raise ValueError("eata: " + unknown_name_message("norms", self.norms, NORM_KINDS))
         if self.fisher_data is not None and not self.fisher_data.strip():
             raise ValueError("eata: fisher_data is empty; give \"clean\" (the benchmark's uncorrupted images) or a "
                              "folder of clean images, or leave it out to run ETA (no Fisher regulariser)")
@@ -80,7 +89,11 @@ class EATA(Adapter):
     def configure_model(self):
         super().configure_model()
         use_batch_statistics(self.model)
-        if not enable_norm_affine(self.model):
+        if not enable_norm_affine(self.model, kinds=self.cfg.norms):
+            if self.cfg.norms == "batch":
+                raise ValueError("eata: norms is 'batch' (batch-norm layers only, as the authors' collect_params and "
+                                 "the official preset) and this model has none; set norms: all, or use the tta or "
+                                 "zoo-* presets, to adapt its LayerNorm/GroupNorm layers")
             raise ValueError("eata adapts normalisation layers and this model has none; use memo or cotta")
         self.fisher: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_extra_state()
