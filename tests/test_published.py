@@ -64,11 +64,12 @@ TABLE = {
 }
 
 
-def _row(method, adapter, domain, accuracy, setting="continual", seed=0, benchmark="fake-c"):
+def _row(method, adapter, domain, accuracy, setting="continual", seed=0, benchmark="fake-c", config=None):
     return {"benchmark": benchmark, "method": method, "adapter": adapter, "config_id": f"id-{method}",
             "model": "net", "data_id": "fake:1", "domain": domain, "severity": 5, "setting": setting,
             "batch_size": 8, "seed": seed, "metrics": {"accuracy": accuracy, "error": 1 - accuracy}, "n": 100,
-            "seconds_model": 1.0, "git": "abc", "task": "classification", "primary_metric": "accuracy"}
+            "seconds_model": 1.0, "git": "abc", "task": "classification", "primary_metric": "accuracy",
+            "config": config or {}}
 
 
 @pytest.fixture
@@ -187,3 +188,25 @@ def test_an_entry_given_twice_is_refused():
 
 def test_the_unchanged_fake_table_is_accepted():
     assert len(parse_published(_with(), "t.yaml").entries) == 3
+
+
+def test_an_eata_run_without_fisher_data_is_marked_as_eta(files, tmp_path):
+    """Published EATA numbers use the Fisher regulariser; a run without fisher_data (null, or a row made before the
+    field) is ETA, and the report says so next to it, matched or not."""
+    results, table = files
+    rows = [_row(label, "eata", domain, 0.8, config=config) for label, config in
+            (("eta-null", {"fisher_data": None}), ("eta-old", {"lr": 0.001}), ("eata", {"fisher_data": "clean"}))
+            for domain in ("gaussian_noise", "fog")]
+    rows += [_row("eta-reset", "eata", "fog", 0.8, setting="reset_per_shift")]
+    with open(results, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    table.write_text(yaml.safe_dump({**TABLE, "entries": TABLE["entries"] + [
+        {"method": "eata", "setting": "continual", "source": "paper", "mean": 18.0}]}))
+    md = write_report([results], out=str(tmp_path / "r"), plots=False, published=str(table))["markdown"][0].read_text()
+    section = _section(md)
+    for label in ("eta-null", "eta-old"):
+        assert f"**{label} (eata, continual; runs as ETA: no fisher_data)**" in section
+        assert f"| yours: {label} (eata, continual; runs as ETA: no fisher_data) |" in section
+    assert "**eata (eata, continual)**" in section and "eata (eata, continual; runs as ETA" not in section
+    assert section.count("This run has no Fisher regulariser") == 2  # under each matched ETA table
+    assert "eta-reset (eata, reset_per_shift; runs as ETA: no fisher_data)." in section  # no published row: listed

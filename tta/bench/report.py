@@ -234,7 +234,8 @@ def published_section(rows: Sequence[dict], table) -> List[str]:
     """Each entry of a published table (tta.bench.published) beside the user's runs of the same method (adapter)
     and setting on the table's benchmark and severity: yours, published and yours - published per corruption and
     on the mean, in the table's unit (the rows' accuracy converted). Says which entries and which runs have no
-    match. Raises ValueError when the results hold no row of the table's benchmark at its severity."""
+    match, and that an eata run whose config has no fisher_data runs as ETA. Raises ValueError when the results
+    hold no row of the table's benchmark at its severity."""
     mine = [r for r in rows if r.get("benchmark") == table.benchmark and r.get("severity") == table.severity
             and r.get("domain") in table.corruptions and (r.get("metrics") or {}).get("accuracy") is not None]
     if not mine:
@@ -266,7 +267,10 @@ def published_section(rows: Sequence[dict], table) -> List[str]:
             runs = g.method_rows[label]
             adapter = runs[0].get("adapter") or runs[0]["method"]
             entries = [e for e in table.entries if e.matches(adapter, setting)]
-            name = f"{label} ({adapter}, {setting}" + (f", {g.key[1]})" if several_models else ")")
+            # EATA without clean images for its Fisher regulariser is the paper's ETA: never silently beside EATA
+            eta = adapter == "eata" and not any((r.get("config") or {}).get("fisher_data") for r in runs)
+            name = (f"{label} ({adapter}, {setting}" + (f", {g.key[1]}" if several_models else "")
+                    + ("; runs as ETA: no fisher_data)" if eta else ")"))
             if not entries:
                 unmatched_runs.append(name)
                 continue
@@ -287,6 +291,9 @@ def published_section(rows: Sequence[dict], table) -> List[str]:
                             + [fmt(yours[c] - e.values[c], True) if c in yours and c in e.values else "" for c in cols]
                             + [fmt(diff_mean, True)])
             md += [f"**{name}**", "", _markdown_table([unit] + cols + ["mean"], body), ""]
+            if eta:
+                md += ["This run has no Fisher regulariser (its config has no `fisher_data`), so it is ETA, the "
+                       "paper's variant without it, set beside published EATA; give `fisher_data` to run EATA.", ""]
     left = [e for e in table.entries if id(e) not in matched_entries]
     if left:
         md += ["**Published rows with no run of yours** (same method and setting): "
