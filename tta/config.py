@@ -1,21 +1,33 @@
 """Checking method configs, in one place: field types and the declared range of every numeric field.
 
 A numeric field declares its range in its annotation, e.g. `lr: Rate = 1e-3`, with the constraint objects of
-annotated_types (`Interval`) that pydantic v2 reads too: a move of the configs to pydantic models keeps these
-annotations as they are. `check_config` runs from `AdapterConfig.__post_init__`, so every way of building a config
-(`make_config`, the class itself, `dataclasses.replace`) is checked the same way, before any model is touched.
-Ranges are annotations, not fields: they never change a config's values or the id of a result row.
+annotated_types (`Interval`), which pydantic v2 reads natively. pydantic validates every field: strict
+`pydantic.TypeAdapter`s per (dataclass, field), built on first use and cached, one for the plain type (checked first,
+so that a wrong type is reported as one) and one for the annotation with its range. Strict, because a config must
+mean what it says: "1e-3" (YAML reads it as a string) is not a number and true is not 1, while an int is a float
+(YAML's `1` for lr). The configs stay dataclasses rather than pydantic models because a result row's id is a hash of
+`dataclasses.asdict(config)`: pydantic only checks the values, it never converts or stores them, so no id changes.
+Lists and tuples are accepted for one another (YAML has only lists), and a nested dataclass of a benchmark file as
+an instance or the mapping it is built from.
+
+`check_config` runs from `AdapterConfig.__post_init__`, after a preset has filled the fields left unset, so every way
+of building a config (`make_config`, the class itself, `dataclasses.replace`) and every preset's values are checked
+the same way, before any model is touched. Ranges are annotations, not fields: they never change a config's values
+or the id of a result row. The messages are ours, not pydantic's: they name the field, the value, the type or range
+allowed and, for the usual YAML slips, how to write it.
 
 `check_field_types` also checks the benchmark file's dataclasses (tta.bench.fields.strict_dataclass).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import numbers
 import typing
-from typing import Annotated, Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Annotated, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
+import pydantic
+import pydantic_core
 from annotated_types import DocInfo, Interval, doc
 
 from .registry import unknown_name_message
@@ -72,10 +84,27 @@ def fill_from_preset(config: Any, presets: Dict[str, Dict[str, Any]]) -> None:
 def check_config(config: Any) -> None:
     """Refuse a config dataclass whose values have the wrong type or lie outside their declared range; the message
     names the field, the value and what is allowed."""
-    where = type(config).__qualname__
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    check_field_types(type(config), values, where)
-    check_ranges(type(config), values, where)
+    check_field_types(type(config), values, type(config).__qualname__)
+
+
+def check_field_types(cls, values: Dict[str, Any], where: str) -> None:
+    """Refuse values for dataclass `cls` of the wrong type (a string for a number, "false" for a boolean) before they
+    silently mean something else, then values outside a declared range. pydantic decides; the message names the
+    field, the value, what is allowed and how to write it."""
+    hints = _hints(cls, False)
+    for key, value in values.items():  # every type first: a wrong type is the likelier slip
+        if key in hints and not _accepts(_validator(cls, key, False), value):
+            raise ValueError(f"{where}: {key} must be {_describe(hints[key])}, got {type(value).__name__} "
+                             f"{value!r}{_how_to_write(_validator(cls, key, False), value)}")
+    for key, value in values.items():
+        if key in hints:
+            try:
+                _validator(cls, key, True).validate_python(value)
+            except pydantic.ValidationError as err:  # only ranges are left to fail: the message is _range_error's
+                error = err.errors(include_url=False)[0]
+                inside = "".join(f"[{i}]" for i in error["loc"] if isinstance(i, int))
+                raise ValueError(f"{where}: {key}{inside} {error['msg']}, got {error['input']!r}") from None
 
 
 # ---- declared ranges ------------------------------------------------------------------------------------------
@@ -94,41 +123,6 @@ def _intervals(hint: Any) -> Iterator[Interval]:
             yield from _intervals(arg)
 
 
-def check_ranges(cls, values: Dict[str, Any], where: str) -> None:
-    hints = typing.get_type_hints(cls, include_extras=True)
-    for key, value in values.items():
-        if key in hints:
-            _check_range(key, value, hints[key], where)
-
-
-def _check_range(name: str, value: Any, hint: Any, where: str) -> None:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union:
-        if value is None:
-            return
-        hint = next((a for a in args if a is not type(None)), hint)
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (tuple, list) and isinstance(value, (tuple, list)):
-        element_hints = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-        for i, (v, h) in enumerate(zip(value, element_hints)):
-            _check_range(f"{name}[{i}]", v, h, where)
-        return
-    if origin is not Annotated or not isinstance(value, numbers.Real) or isinstance(value, bool):
-        return
-    for interval in (m for m in hint.__metadata__ if isinstance(m, Interval)):
-        if not _inside(value, interval):
-            kind = "an integer" if args[0] is int else "a number"
-            why = next((f" ({m.documentation})" for m in hint.__metadata__ if isinstance(m, DocInfo)), "")
-            raise ValueError(f"{where}: {name} must be {kind} in {describe_interval(interval)}{why}, got {value!r}")
-
-
-def _inside(value: numbers.Real, interval: Interval) -> bool:
-    if isinstance(value, float) and not math.isfinite(value):
-        return False  # NaN compares false with everything, and no range here reaches infinity
-    return ((interval.ge is None or value >= interval.ge) and (interval.gt is None or value > interval.gt)
-            and (interval.le is None or value <= interval.le) and (interval.lt is None or value < interval.lt))
-
-
 def describe_interval(interval: Interval) -> str:
     """[0, 1), (0, 1e+12] and so on."""
     def number(v: Any) -> str:
@@ -138,39 +132,84 @@ def describe_interval(interval: Interval) -> str:
     return f"{lo}, {hi}"
 
 
-# ---- types ------------------------------------------------------------------------------------------------------
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether `value` fits the annotation `hint` (the types config and spec dataclasses use); an annotation this
-    does not know is not checked."""
+# ---- pydantic, one validator per (dataclass, field) -------------------------------------------------------------
+_STRICT = pydantic.ConfigDict(strict=True, arbitrary_types_allowed=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls, with_ranges: bool) -> Dict[str, Any]:
+    """The annotations of dataclass `cls`, or its plain types (Annotated stripped: no ranges)."""
+    return typing.get_type_hints(cls, include_extras=with_ranges)
+
+
+@functools.lru_cache(maxsize=None)
+def _validator(cls, name: str, with_ranges: bool) -> pydantic.TypeAdapter:
+    """Field `name` of `cls` with its declared ranges, or its plain type (the annotations stripped)."""
+    return pydantic.TypeAdapter(_as_pydantic(_hints(cls, with_ranges)[name]), config=_STRICT)
+
+
+def _as_pydantic(hint: Any) -> Any:
+    """`hint` as pydantic should check it: a list or a tuple for either; a nested dataclass as an instance or a
+    mapping, without building it (its own __post_init__ does, later); a value out of range reported with the whole
+    range and why it is bounded."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
+    if origin is Annotated:
+        why = [m.documentation for m in hint.__metadata__ if isinstance(m, DocInfo)]
+        whole_range = [pydantic.WrapValidator(_range_error(args[0], m, why))
+                       for m in hint.__metadata__ if isinstance(m, Interval)]
+        return Annotated[(_as_pydantic(args[0]), *hint.__metadata__, *whole_range)]
     if origin is Union:
-        return any(_matches(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
+        return Union[tuple(_as_pydantic(a) for a in args)]
     if origin in (tuple, list):
-        if not isinstance(value, (tuple, list)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
-        return all(_matches(v, args[0]) for v in value) if args else True
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
+        inner = origin[tuple(a if a is Ellipsis else _as_pydantic(a) for a in args)] if args else origin
+        return Annotated[inner, pydantic.BeforeValidator(lambda v: origin(v) if isinstance(v, (tuple, list)) else v)]
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return isinstance(value, (hint, dict))  # a nested spec section, built from its mapping
-    return True
+        return Union[pydantic.InstanceOf[hint], dict]
+    if hint is int:  # numpy's integers too, as Python's own checks take them (strict pydantic does not)
+        return Annotated[int, pydantic.BeforeValidator(_as_int)]
+    return hint
+
+
+def _as_int(value: Any) -> Any:
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+
+
+def _range_error(kind: Any, interval: Interval, why: List[str]) -> Callable[[Any, Any], Any]:
+    """A wrap validator that turns pydantic's "less than or equal to 1" into "a number in [0, 1]"."""
+    text = f"must be {'an integer' if kind is int else 'a number'} in {describe_interval(interval)}"
+    text += "".join(f" ({w})" for w in why)
+
+    def whole_range(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except pydantic.ValidationError:
+            raise pydantic_core.PydanticCustomError("out_of_range", text) from None
+    return whole_range
+
+
+def _accepts(validator: pydantic.TypeAdapter, value: Any) -> bool:
+    try:
+        validator.validate_python(value)
+        return True
+    except pydantic.ValidationError:
+        return False
+
+
+def _how_to_write(validator: pydantic.TypeAdapter, value: Any) -> str:
+    """The YAML slip behind a refused string, when it is one."""
+    if isinstance(value, str) and _accepts(validator, 1.0):
+        try:
+            float(value)
+            return " (YAML reads 1e-3 as a string: write 1.0e-3)"
+        except ValueError:
+            return ""
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no") and _accepts(validator, True):
+        return " (write true or false without quotes)"
+    return ""
 
 
 def _describe(hint: Any) -> str:
+    """A plain annotation in words, for messages."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Union:
         return " or ".join(_describe(a) for a in args)
@@ -181,29 +220,9 @@ def _describe(hint: Any) -> str:
             return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
         return f"a list of {_describe(args[0])}" if args else "a list"
     if origin is dict:
-        return "a mapping"
+        return "a mapping with string keys" if args[:1] == (str,) else "a mapping"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
         hint, getattr(hint, "__name__", str(hint)))
-
-
-def check_field_types(cls, values: Dict[str, Any], where: str) -> None:
-    """Refuse values of the wrong type (a string for a number, "false" for a boolean) before they silently mean
-    something else; the message names the field, the expected type and how to write it."""
-    hints = typing.get_type_hints(cls)  # ranges (Annotated) stripped: the plain types
-    for key, value in values.items():
-        hint = hints.get(key)
-        if hint is None or _matches(value, hint):
-            continue
-        hint_text = ""
-        if isinstance(value, str) and _matches(1.0, hint):
-            try:
-                float(value)
-                hint_text = " (YAML reads 1e-3 as a string: write 1.0e-3)"
-            except ValueError:
-                pass
-        elif isinstance(value, str) and value.lower() in ("true", "false", "yes", "no") and _matches(True, hint):
-            hint_text = " (write true or false without quotes)"
-        raise ValueError(f"{where}: {key} must be {_describe(hint)}, got {type(value).__name__} {value!r}{hint_text}")
 
 
 def numeric_fields(cls) -> Tuple[str, ...]:
