@@ -173,3 +173,22 @@ def test_the_source_prediction_is_taken_with_the_source_weights_and_the_adapted_
     adapted = {k: v.clone() for k, v in adapter.state_dict().items()}
     assert torch.equal(adapter.predict_with_source(lambda: adapter.model(x)), source)
     assert all(torch.equal(v, adapted[k]) for k, v in adapter.state_dict().items())
+
+
+def test_it3_judges_its_final_prediction_not_the_pass_before_its_last_update():
+    """One step that leaves finite, unexploded weights but makes every image of a batch of 16 one class with near
+    zero entropy: a collapse the guard must see in the prediction made after the update (it once judged the outputs
+    of the pass before it and returned the collapsed prediction)."""
+    import copy
+    model, config, _ = model_and_config("it3", steps=1)
+    batch = torch.rand(16, 3, 16, 16)
+    reference = tta.create_adapter("it3", copy.deepcopy(model), **{**config, "steps": 0})(batch)
+    adapter = tta.create_adapter("it3", model, **config)
+
+    def push_class_0(optimizer, args, kwargs):  # after the real step: a finite, 50-logit lead for class 0
+        with torch.no_grad():
+            model.net[7].bias[0] += 50.0
+    adapter.optimizer.register_step_post_hook(push_class_0)
+    out = adapter(batch)
+    assert adapter.guard_events.get("collapsed", 0) == 1
+    assert torch.allclose(out, reference, atol=1e-5)

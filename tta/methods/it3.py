@@ -100,9 +100,13 @@ class IT3(Adapter):
         return outputs
 
     def adapt_and_predict(self, x):
-        if self.cfg.steps > 0:
-            super().adapt_and_predict(x)
-        # The prediction is read from the adapted model, not from the pass that computed the last loss.
-        with torch.no_grad():
+        with torch.enable_grad():  # adapt even when called under torch.no_grad()
+            for _ in range(self.cfg.steps):
+                self.forward_and_adapt(x)
+
+        def predict():
             y0 = self.model(x)
             return y0 if self.cfg.predict == "first" else self.model(x, self.model.signal(y0))
+        # The prediction is read from the adapted model, not from the pass that computed the last loss, and the
+        # guard judges that prediction: the state after the last update is the one that may have diverged.
+        return self.predict_guarded(predict)
