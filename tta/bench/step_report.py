@@ -4,6 +4,8 @@ Such rows keep, per image, the prediction after 0, 1, ..., N steps (step 0 is th
 first forward pass runs before any update). With a fixed seed the first k steps of an N-step run are exactly a
 k-step run, so one run at N steps answers "how many steps?" for every count up to N. Each count is paired image by
 image with step 0 (tta.bench.stats: bootstrap interval, exact McNemar test), corrupted domains and clean apart.
+One exception: the divergence guard judges only the prediction after the last step, so where a row's guard_events
+show an intervention, the counts below N are the unguarded outputs a k-step run might have replaced.
 """
 from __future__ import annotations
 
