@@ -1,9 +1,11 @@
 """Accuracy after each adaptation step, from rows run with `record_steps: true` (tta.bench.spec.MethodSpec).
 
 Such rows keep, per image, the prediction after 0, 1, ..., N steps (step 0 is the unadapted model: Diffusion-TTA's
-first forward pass runs before any update). With a fixed seed the first k steps of an N-step run are exactly a
-k-step run, so one run at N steps answers "how many steps?" for every count up to N. Each count is paired image by
-image with step 0 (tta.bench.stats: bootstrap interval, exact McNemar test), corrupted domains and clean apart.
+first forward pass runs before any update). With the random draws seeded per image (Diffusion-TTA without `seed`:
+the runner seeds each episode) the first k steps of an N-step run are exactly a k-step run; with a `seed`, one
+generator runs on across images, so later images' draws differ from a k-step run's (equally random, not equal).
+So one run at N steps answers "how many steps?" for every count up to N. Each count is paired image by image with
+step 0 (tta.bench.stats: bootstrap interval, exact McNemar test), corrupted domains and clean apart.
 One exception: the divergence guard judges only the prediction after the last step, so where a row's guard_events
 show an intervention, the counts below N are the unguarded outputs a k-step run might have replaced.
 """
