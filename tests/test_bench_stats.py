@@ -145,3 +145,10 @@ def test_the_replication_sees_none_of_the_evidence_images():
     assert all(sum(int(labels[i]) == c for i in b_idx) == 20 for c in range(10))
     assert {k: v for k, v in vars(first.data).items() if k != "exclude_per_class"} == \
         {k: v for k, v in vars(again.data).items() if k != "exclude_per_class"}
+
+
+def test_exclude_per_class_refuses_what_is_not_a_count():
+    from tta.bench.datasets import BuildContext, build_domains, parse_data_config
+    cfg = parse_data_config({"kind": "fashion-mnist", "part": "evaluation", "per_class": 2, "exclude_per_class": 0})
+    with pytest.raises(ValueError, match="exclude_per_class must be a positive integer"):
+        build_domains(cfg, BuildContext(input_size=(1, 28, 28)))

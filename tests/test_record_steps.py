@@ -1,8 +1,7 @@
 """record_steps: each image's prediction after 0, 1, ..., N Diffusion-TTA steps, stored with the rows and reported.
 
 The oracle: with the same draws (here one image and a seed) the first k steps of an N-step run are a k-step
-run, so what an N-step run records
-after k steps must equal the prediction of a separate k-step run, for every k."""
+run, so what an N-step run records after k steps must equal the prediction of a separate k-step run, for every k."""
 import pytest
 import torch
 

@@ -125,6 +125,10 @@ def _subsample(domain: Domain, cfg: DataConfig, limit: Optional[int]) -> Domain:
         if cfg.part is not None:
             idx = half_of_each_class(labels, cfg.part, cfg.subsample_seed)
         if cfg.exclude_per_class is not None:
+            if isinstance(cfg.exclude_per_class, bool) or not isinstance(cfg.exclude_per_class, int) \
+                    or cfg.exclude_per_class < 1:
+                raise ValueError(f"data.exclude_per_class must be a positive integer (the per_class of the draw to "
+                                 f"leave out) or null, got {cfg.exclude_per_class!r}")
             seen = set(per_class_indices([labels[i] for i in idx], cfg.exclude_per_class, cfg.subsample_seed))
             idx = [i for j, i in enumerate(idx) if j not in seen]
         if cfg.per_class is not None:
