@@ -185,7 +185,8 @@ def test_the_graph_sees_imports():
 
 @pytest.mark.slow  # a fresh interpreter
 def test_zoo_judges_resolve_with_only_the_generative_package_imported():
-    """The zoo registers its `zoo:` judges into tta.generative, which imports the zoo on the first named lookup."""
+    """The zoo registers its `zoo:` judges into tta.generative, which never imports the zoo itself: importing
+    tta.generative runs tta/__init__.py, which imports the zoo (and not the harness)."""
     code = ("import sys, tta.generative as g; b = g.create_backend('zoo:fmnist-judge'); "
             "print(b.source, 'tta.bench' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -16,15 +16,10 @@ EXAMPLES = ("pixel-unet:/path/to/fmnist_judge, dit:facebook/DiT-XL-2-256, sd:sta
             "map-unet:/path/to/seg_judge")
 
 # Named judges: "<source>:<name>" -> the judge's folder (or another spec), for judges that ship with a package rather
-# than live at a path the user knows. The zoo registers "zoo" (tta/zoo/registry.py), so this package never imports
-# the zoo at module level: the zoo imports this package to train and check its judges.
+# than live at a path the user knows. The zoo registers "zoo" (tta/zoo/registry.py); this package never imports the
+# zoo (the zoo sits above it and imports it to train and check its judges). `import tta` imports the zoo, and any
+# import of tta.generative runs tta/__init__.py first, so "zoo" is registered before a judge can be loaded.
 JUDGE_SOURCES = Registry("judge source")
-
-
-def judge_sources() -> Registry:
-    """JUDGE_SOURCES with the project's own sources registered, whichever tta modules were imported so far."""
-    from .. import zoo  # noqa: F401  (registers "zoo"; inside the function because the zoo imports this package)
-    return JUDGE_SOURCES
 
 
 def _read_json(file: str) -> dict:
@@ -98,7 +93,7 @@ def create_backend(name_or_path: Union[str, os.PathLike, DiffusionBackend], kind
                         f"got {type(name_or_path).__name__}")
     spec = os.fspath(name_or_path)
     prefix, sep, rest = spec.partition(":")
-    if sep and prefix not in BACKENDS and prefix in judge_sources():  # e.g. zoo:fmnist-judge, wherever installed
+    if sep and prefix not in BACKENDS and prefix in JUDGE_SOURCES:  # e.g. zoo:fmnist-judge, wherever installed
         spec = os.fspath(JUDGE_SOURCES.get(prefix)(rest))
         prefix, sep, rest = spec.partition(":")
     if sep and prefix in BACKENDS:
