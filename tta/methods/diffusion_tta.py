@@ -46,7 +46,7 @@ from torch import nn
 
 from ..adapter import AdapterConfig, register_adapter
 from ..config import MAX_PAIRS, Fraction, NonNegative, Pairs, Rate, Seed, Steps, fill_from_preset
-from ..generative.base import autocast_for, check_autocast, denoiser_prefix, named_denoiser_parameters
+from ..generative.base import autocast_for, check_autocast
 from ..generative.loading import condition_weights
 from ..generative.memory import MicroBatchSizer
 from ..generative.sampling import LOSSES, NOISE_MODES, TIMESTEP_MODES, sample_pairs
@@ -135,17 +135,11 @@ class DiffusionTTA(JudgedAdapter):
         self.micro_batch_used: Optional[int] = None  # the micro-batch of the last step (sized when micro_batch=0)
         self.micro_batch_sizer = MicroBatchSizer()
 
-    def adapted_judge_prefixes(self) -> Tuple[str, ...]:
-        return (f"backend.{denoiser_prefix(self.backend)}.",) if self.cfg.adapt_backend else ()
-
     # ---- what adapts -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         super().configure_model()  # eval mode: per-example batches cannot give batch statistics
-        self.backend.eval().requires_grad_(False)
+        self.freeze_judge()  # but for its denoiser with adapt_backend (JudgedAdapter)
         self.backend.use_fast_paths(self.cfg.channels_last, self.cfg.compile, self.cfg.checkpointing)
-        if self.cfg.adapt_backend:
-            for _, p in named_denoiser_parameters(self.backend):
-                p.requires_grad_(True)
         if self.cfg.adapt == "lora":
             self.lora = LoRASet(self.model, self.cfg.lora_rank, self.cfg.lora_alpha)
         else:
@@ -154,16 +148,7 @@ class DiffusionTTA(JudgedAdapter):
     def collect_params(self) -> List[Tuple[str, nn.Parameter]]:
         own = [(f"lora.{n}", p) for n, p in self.lora.named_parameters()] if self.cfg.adapt == "lora" else \
             super().collect_params()
-        judge = named_denoiser_parameters(self.backend) if self.cfg.adapt_backend else []
-        return own + [(f"backend.{n}", p) for n, p in judge]
-
-    def build_optimizer(self, params: List[nn.Parameter]) -> torch.optim.Optimizer:
-        """The judge's denoiser, when it adapts, is a parameter group of its own, at backend_lr."""
-        judge = {id(p) for p in self.backend.parameters()}
-        lr = self.cfg.backend_lr if self.cfg.backend_lr is not None else self.cfg.lr
-        groups = [{"params": [p for p in params if id(p) not in judge]},
-                  {"params": [p for p in params if id(p) in judge], "lr": lr}]
-        return super().build_optimizer([g for g in groups if g["params"]])
+        return own + self.judge_params()  # the judge's denoiser with adapt_backend, at backend_lr (JudgedAdapter)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The (adapted) model's output; with LoRA the low-rank updates are applied on the fly."""

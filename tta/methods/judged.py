@@ -1,25 +1,30 @@
 """The base of the methods that hold a diffusion judge (diffusion_tta, diffusion_classifier): loading the judge from
-a backend= argument or the config's `backend` field, and a snapshot that leaves a frozen judge out. Not a method
-itself: nothing is registered here."""
+a backend= argument or the config's `backend` field, a snapshot that leaves a frozen judge out, and a judge whose
+denoiser adapts with the model (a config's `adapt_backend`, at its `backend_lr`). Not a method itself: nothing is
+registered here."""
 from __future__ import annotations
 
 import copy
 import dataclasses
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..adapter import Adapter
 from ..config import make_config
+from ..generative.base import denoiser_prefix, named_denoiser_parameters
 from ..generative.loading import match_backend_to_model, resolve_backend
 
 
 class JudgedAdapter(Adapter):
     """An Adapter with a diffusion judge under `judge_prefix`. The judge is a submodule (it moves with .to()), but
     only the parts of it that adapt are snapshotted and restored: a frozen DiT or SD judge is never copied, and an
-    adapted one has its denoiser copied, not its VAE or text encoder."""
+    adapted one has its denoiser copied, not its VAE or text encoder.
+    A config with `adapt_backend` true adapts the judge's denoiser (a DiffusionBackend's) with the model: its parameters
+    are collected with judge_params() and get a parameter group of their own, at the config's `backend_lr` (None: lr).
+    """
     judge_prefix = "backend."
 
     def __init__(self, model: nn.Module, cfg: Any = None, backend: Any = None, **overrides):
@@ -31,8 +36,36 @@ class JudgedAdapter(Adapter):
         """What the adapter holds under judge_prefix: the judge itself, or a module a method builds on it."""
         return judge
 
+    # ---- a judge that adapts with the model ----------------------------------------------------------------------
+    @property
+    def judge(self) -> nn.Module:
+        return getattr(self, self.judge_prefix.rstrip("."))
+
+    def judge_adapts(self) -> bool:
+        return bool(getattr(self.cfg, "adapt_backend", False))
+
     def adapted_judge_prefixes(self) -> Tuple[str, ...]:
-        return ()
+        """The parts of the judge the snapshot keeps: the denoiser, when it adapts."""
+        return (f"{self.judge_prefix}{denoiser_prefix(self.judge)}.",) if self.judge_adapts() else ()
+
+    def freeze_judge(self) -> None:
+        """The judge in eval mode and frozen, but for its denoiser when it adapts."""
+        self.judge.eval().requires_grad_(False)
+        for _, p in self.judge_params():
+            p.requires_grad_(True)
+
+    def judge_params(self) -> List[Tuple[str, nn.Parameter]]:
+        """(name, parameter) of the judge's denoiser when it adapts, else none."""
+        judge = named_denoiser_parameters(self.judge) if self.judge_adapts() else []
+        return [(f"{self.judge_prefix}{n}", p) for n, p in judge]
+
+    def build_optimizer(self, params: List[nn.Parameter]) -> torch.optim.Optimizer:
+        """The judge's parameters, when some adapt, are a parameter group of their own, at backend_lr."""
+        judge = {id(p) for p in self.judge.parameters()}
+        lr = getattr(self.cfg, "backend_lr", None)
+        groups = [{"params": [p for p in params if id(p) not in judge]},
+                  {"params": [p for p in params if id(p) in judge], "lr": lr if lr is not None else self.cfg.lr}]
+        return super().build_optimizer([g for g in groups if g["params"]])
 
     @classmethod
     def load_judge(cls, model: nn.Module, cfg: Any, backend: Any, overrides: Dict[str, Any]):
