@@ -18,6 +18,10 @@ from tta.adapter import ADAPTERS
 from tta.bench.datasets import BuildContext, DataConfig
 from tta.bench.source_data import clean_images, fisher_batches, prepare_adapter
 
+from official_code import (cotta_collect_params, cotta_configure_model, cotta_get_tta_transforms,
+                           cotta_softmax_entropy, sar_collect_params, tent_collect_params,
+                           tent_configure_model)
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -52,29 +56,8 @@ def moved(model, seed=0):
 
 
 # ---- EATA: mr-eggplant/EATA eata.py and main.py ----------------------------------------------------------------
-def eata_configure_model(model):
-    model.train()
-    model.requires_grad_(False)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.requires_grad_(True)
-            m.track_running_stats = False
-            m.running_mean = None
-            m.running_var = None
-    return model
-
-
-def eata_collect_params(model):
-    params, names = [], []
-    for nm, m in model.named_modules():
-        if isinstance(m, nn.BatchNorm2d):
-            for np_, p in m.named_parameters():
-                if np_ in ["weight", "bias"]:
-                    params.append(p)
-                    names.append(f"{nm}.{np_}")
-    return params, names
-
-
+# eata.py configure_model and collect_params are tent.py's lines: official_code.tent_configure_model and
+# tent_collect_params.
 def eata_fishers(subnet, params, fisher_loader):
     """main.py, `elif args.algorithm == 'eata'`."""
     ewc_optimizer = torch.optim.SGD(params, 0.001)
@@ -148,8 +131,8 @@ class OfficialEATA:
     """eata.EATA: reset() reloads the model and optimizer and keeps current_model_probs."""
 
     def __init__(self, model, lr, fisher_loader, fisher_alpha, e_margin, d_margin):
-        self.model = eata_configure_model(model)
-        params, _ = eata_collect_params(self.model)
+        self.model = tent_configure_model(model)
+        params, _ = tent_collect_params(self.model)
         self.fishers = eata_fishers(self.model, params, fisher_loader) if fisher_loader is not None else None
         self.optimizer = torch.optim.SGD(params, lr, momentum=0.9)
         self.fisher_alpha, self.e_margin, self.d_margin = fisher_alpha, e_margin, d_margin
@@ -288,75 +271,8 @@ def test_bench_runs_eata_with_its_fisher(tmp_path, monkeypatch):
 
 
 # ---- CoTTA: qinenergy/cotta cifar/cotta.py, imagenet/cotta.py, my_transforms.py ----------------------------------
-class ColorJitterPro(__import__("torchvision").transforms.ColorJitter):
-    """my_transforms.ColorJitterPro (forward only)."""
-
-    def __init__(self, brightness=0, contrast=0, saturation=0, hue=0, gamma=0):
-        super().__init__(brightness, contrast, saturation, hue)
-        self.gamma = self._check_input(gamma, "gamma")
-
-    def forward(self, img):
-        import torchvision.transforms.functional as TF
-        fn_idx = torch.randperm(5)
-        for fn_id in fn_idx:
-            if fn_id == 0 and self.brightness is not None:
-                img = TF.adjust_brightness(img, torch.tensor(1.0).uniform_(*self.brightness).item())
-            if fn_id == 1 and self.contrast is not None:
-                img = TF.adjust_contrast(img, torch.tensor(1.0).uniform_(*self.contrast).item())
-            if fn_id == 2 and self.saturation is not None:
-                img = TF.adjust_saturation(img, torch.tensor(1.0).uniform_(*self.saturation).item())
-            if fn_id == 3 and self.hue is not None:
-                img = TF.adjust_hue(img, torch.tensor(1.0).uniform_(*self.hue).item())
-            if fn_id == 4 and self.gamma is not None:
-                gamma_factor = torch.tensor(1.0).uniform_(*self.gamma).item()
-                img = img.clamp(1e-8, 1.0)
-                img = TF.adjust_gamma(img, gamma_factor)
-        return img
-
-
-def get_tta_transforms(n_pixels, gaussian_std=0.005):
-    """get_tta_transforms(soft=False); torchvision's resample=BILINEAR, fillcolor=None is today's interpolation=
-    BILINEAR with the default fill; my_transforms.Clip and GaussianNoise written inline."""
-    import torchvision.transforms as T
-    return T.Compose([
-        T.Lambda(lambda img: torch.clip(img, 0.0, 1.0)),
-        ColorJitterPro(brightness=[0.6, 1.4], contrast=[0.7, 1.3], saturation=[0.5, 1.5], hue=[-0.06, 0.06],
-                       gamma=[0.7, 1.3]),
-        T.Pad(padding=int(n_pixels / 2), padding_mode="edge"),
-        T.RandomAffine(degrees=[-15, 15], translate=(1 / 16, 1 / 16), scale=(0.9, 1.1), shear=None,
-                       interpolation=T.InterpolationMode.BILINEAR),
-        T.GaussianBlur(kernel_size=5, sigma=[0.001, 0.5]),
-        T.CenterCrop(size=n_pixels),
-        T.RandomHorizontalFlip(p=0.5),
-        T.Lambda(lambda img: img + (torch.randn(img.size()) * gaussian_std + 0.0).to(img.device)),
-        T.Lambda(lambda img: torch.clip(img, 0.0, 1.0)),
-    ])
-
-
-def cotta_configure_model(model):
-    model.train()
-    model.requires_grad_(False)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.requires_grad_(True)
-            m.track_running_stats = False
-            m.running_mean = None
-            m.running_var = None
-        else:
-            m.requires_grad_(True)
-    return model
-
-
-def cotta_collect_params(model):
-    params, names = [], []
-    for nm, m in model.named_modules():
-        for np_, p in m.named_parameters():
-            if np_ in ["weight", "bias"] and p.requires_grad:
-                params.append(p)
-                names.append(f"{nm}.{np_}")
-    return params, names
-
-
+# my_transforms.py ColorJitterPro, cotta.py get_tta_transforms, softmax_entropy, configure_model and
+# collect_params: official_code.py
 class OfficialCoTTA:
     """cotta.CoTTA; `imagenet` picks imagenet/cotta.py (symmetric loss, views only when the anchor is unsure, fixed
     restore 0.001 and teacher momentum 0.999) over cifar/cotta.py (cross-entropy, 32 views computed always)."""
@@ -370,14 +286,7 @@ class OfficialCoTTA:
         self.model_ema = copy.deepcopy(model)
         for param in self.model_ema.parameters():
             param.detach_()
-        self.transform = get_tta_transforms(12)
-
-    @staticmethod
-    def softmax_entropy(x, x_ema, imagenet):
-        if imagenet:
-            return (-0.5 * (x_ema.softmax(1) * x.log_softmax(1)).sum(1)
-                    - 0.5 * (x.softmax(1) * x_ema.log_softmax(1)).sum(1))
-        return -(x_ema.softmax(1) * x.log_softmax(1)).sum(1)
+        self.transform = cotta_get_tta_transforms(12)
 
     @torch.enable_grad()
     def __call__(self, x):
@@ -390,8 +299,8 @@ class OfficialCoTTA:
             for i in range(self.N):
                 outputs_emas.append(self.model_ema(self.transform(x)).detach())
         outputs_ema = torch.stack(outputs_emas).mean(0) if to_aug else standard_ema
-        loss = self.softmax_entropy(outputs, outputs_ema.detach() if self.imagenet else outputs_ema,
-                                    self.imagenet).mean(0)
+        loss = cotta_softmax_entropy(outputs, outputs_ema.detach() if self.imagenet else outputs_ema,
+                                     self.imagenet).mean(0)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
@@ -525,23 +434,7 @@ def sar_configure_model(model):
     return model
 
 
-def sar_collect_params(model):
-    params, names = [], []
-    for nm, m in model.named_modules():
-        if "layer4" in nm or "blocks.9" in nm or "blocks.10" in nm or "blocks.11" in nm:
-            continue
-        if "norm." in nm:
-            continue
-        if nm in ["norm"]:
-            continue
-        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
-            for np_, p in m.named_parameters():
-                if np_ in ["weight", "bias"]:
-                    params.append(p)
-                    names.append(f"{nm}.{np_}")
-    return params, names
-
-
+# sar.py collect_params: official_code.sar_collect_params
 @torch.enable_grad()
 def forward_and_adapt_sar(x, model, optimizer, margin, reset_constant, ema):
     optimizer.zero_grad()

@@ -2,12 +2,15 @@
 with pretrained=False and shrunk where timm allows), against each official code's selection rule transcribed here
 on its own: tent.py / EATA's eata.py (BatchNorm2d only), the TTA zoo's tent (BatchNorm2d, LayerNorm, GroupNorm) and
 eata (BatchNorm1d too), mr-eggplant/SAR sar.py (norm layers outside its top-block and `norm` rules), qinenergy/cotta
-imagenet/cotta.py (every parameter named weight or bias). The presets' numbers are checked on tiny batch-norm
-networks elsewhere (test_official_presets, test_tent_official, test_zoo_presets); this checks the names."""
+imagenet/cotta.py (every parameter named weight or bias); SAR's and CoTTA's are tests/official_code.py's. The
+presets' numbers are checked on tiny batch-norm networks elsewhere (test_official_presets, test_tent_official,
+test_zoo_presets); this checks the names."""
 import pytest
 import torch.nn as nn
 
 import tta
+
+from official_code import cotta_collect_params, cotta_configure_model, sar_collect_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 timm = pytest.importorskip("timm")
@@ -45,34 +48,15 @@ def affine_of(net, layer_types):
     return names
 
 
-def sar_collect_params(net):
-    """mr-eggplant/SAR sar.py collect_params."""
-    names = set()
-    for nm, m in net.named_modules():
-        if "layer4" in nm or "blocks.9" in nm or "blocks.10" in nm or "blocks.11" in nm:
-            continue
-        if "norm." in nm:
-            continue
-        if nm in ["norm"]:
-            continue
-        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
-            for np_, p in m.named_parameters():
-                if np_ in ["weight", "bias"]:
-                    names.add(f"{nm}.{np_}")
-    return names
+def sar_names(net):
+    """mr-eggplant/SAR sar.py collect_params (official_code.py): the names it returns."""
+    return set(sar_collect_params(net)[1])
 
 
-def cotta_collect_params(net):
-    """qinenergy/cotta imagenet/cotta.py: configure_model turns on every parameter; collect_params takes, module by
-    module, the parameters named exactly weight or bias (m.named_parameters() recurses, but a child's are named
-    child.weight, so each module contributes its own)."""
-    net.requires_grad_(True)
-    names = set()
-    for nm, m in net.named_modules():
-        for np_, p in m.named_parameters():
-            if np_ in ["weight", "bias"] and p.requires_grad:
-                names.add(f"{nm}.{np_}" if nm else np_)
-    return names
+def cotta_names(net):
+    """qinenergy/cotta imagenet/cotta.py configure_model, then collect_params (official_code.py): configure_model
+    turns on every parameter; collect_params takes, module by module, the parameters named exactly weight or bias."""
+    return set(cotta_collect_params(cotta_configure_model(net))[1])
 
 
 ZOO_TENT_NORMS = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)               # the zoo's methods/tent.py
@@ -104,7 +88,7 @@ def test_official_tent_and_eata_find_nothing_to_adapt_without_batch_norm(kind):
 @pytest.mark.parametrize("preset", ["official", "zoo-cifar10"])
 def test_sar_official_rules(kind, preset):
     net, _ = backbone(kind)
-    expected = sar_collect_params(net)
+    expected = sar_names(net)
     assert adapted(kind, "sar", preset=preset) == expected
     if kind == "vit":  # the top blocks and the final norm stay fixed
         assert not any(n.startswith(("blocks.9.", "blocks.10.", "blocks.11.", "norm.")) for n in expected)
@@ -118,7 +102,7 @@ def test_sar_official_rules(kind, preset):
 @pytest.mark.parametrize("preset", ["official-cifar10", "official-imagenet", "zoo-cifar10", "zoo-imagenet"])
 def test_cotta_official_adapts_weights_and_biases_only(kind, preset):
     net, _ = backbone(kind)
-    expected = cotta_collect_params(net)
+    expected = cotta_names(net)
     ours = adapted(kind, "cotta", preset=preset)
     assert ours == expected
     everything = {n for n, _ in net.named_parameters()}

@@ -1,7 +1,8 @@
 """tent's `official-cifar10` and `official-imagenet` presets against a transcription of the authors' code
-(DequanWang/tent at e9e926a668d85244c66a6d5c006efbd2b82e83e8: tent.py's configure_model, collect_params, Tent and
-forward_and_adapt; cifar10c.py's setup_optimizer over conf.py and cfgs/tent.yaml), on the tiny BN + GN + LN network
-of tests/fixtures.py, to 1e-5. The authors adapt BatchNorm2d alone, so the GroupNorm and LayerNorm stay fixed."""
+(DequanWang/tent at e9e926a668d85244c66a6d5c006efbd2b82e83e8: tent.py's configure_model, collect_params and
+forward_and_adapt, in tests/official_code.py, and its Tent here; cifar10c.py's setup_optimizer over conf.py and
+cfgs/tent.yaml), on the tiny BN + GN + LN network of tests/fixtures.py, to 1e-5. The authors adapt BatchNorm2d alone,
+so the GroupNorm and LayerNorm stay fixed."""
 import copy
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn as nn
 import tta
 
 from fixtures import tiny_model
+from official_code import tent_collect_params, tent_configure_model, tent_forward_and_adapt
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -23,44 +25,7 @@ OFFICIAL = {"official-cifar10": {**CONF_OPTIM, "METHOD": "Adam", "STEPS": 1, "BE
             "official-imagenet": {**CONF_OPTIM, "METHOD": "SGD", "LR": 0.00025}}
 
 
-# ---- tent.py, line by line ------------------------------------------------------------------------------------
-def softmax_entropy(x):
-    return -(x.softmax(1) * x.log_softmax(1)).sum(1)
-
-
-@torch.enable_grad()
-def forward_and_adapt(x, model, optimizer):
-    outputs = model(x)
-    loss = softmax_entropy(outputs).mean(0)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    return outputs
-
-
-def collect_params(model):
-    params, names = [], []
-    for nm, m in model.named_modules():
-        if isinstance(m, nn.BatchNorm2d):
-            for np_, p in m.named_parameters():
-                if np_ in ["weight", "bias"]:
-                    params.append(p)
-                    names.append(f"{nm}.{np_}")
-    return params, names
-
-
-def configure_model(model):
-    model.train()
-    model.requires_grad_(False)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.requires_grad_(True)
-            m.track_running_stats = False
-            m.running_mean = None
-            m.running_var = None
-    return model
-
-
+# ---- tent.py, line by line (configure_model, collect_params, forward_and_adapt: official_code.py) ---------------
 class OfficialTent(nn.Module):
     def __init__(self, model, optimizer, steps=1, episodic=False):
         super().__init__()
@@ -68,7 +33,7 @@ class OfficialTent(nn.Module):
 
     def forward(self, x):
         for _ in range(self.steps):
-            outputs = forward_and_adapt(x, self.model, self.optimizer)
+            outputs = tent_forward_and_adapt(x, self.model, self.optimizer)
         return outputs
 
 
@@ -83,8 +48,8 @@ def setup_optimizer(params, optim):
 
 
 def setup_tent(model, optim, episodic=False):
-    model = configure_model(model)
-    params, param_names = collect_params(model)
+    model = tent_configure_model(model)
+    params, param_names = tent_collect_params(model)
     optimizer = setup_optimizer(params, optim)
     return OfficialTent(model, optimizer, steps=optim["STEPS"], episodic=episodic), param_names
 

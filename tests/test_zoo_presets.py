@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures import tiny_model
+from official_code import cotta_get_tta_transforms, cotta_softmax_entropy, tent_forward_and_adapt
 from PIL import Image
 from torch import nn
 
@@ -56,6 +57,9 @@ def test_cotta_zoo_presets_resolve_to_the_zoos_values(preset):
 
 
 # ---- transcriptions of the zoo ---------------------------------------------------------------------------------
+# methods/tent.py forward_and_adapt is DequanWang/tent's step, methods/cotta.py softmax_entropy_cifar and
+# softmax_entropy_imagenet are qinenergy/cotta's losses, and augmentations/transforms_cotta.py get_tta_transforms is
+# qinenergy/cotta's list: each is transcribed once, in official_code.py.
 def zoo_configure_model(model, cotta):
     """methods/tent.py and methods/cotta.py configure_model: eval mode, batch-norm on batch statistics; tent enables
     the normalisation layers, cotta every module."""
@@ -96,61 +100,6 @@ def zoo_setup_optimizer(params, method, lr):
     return torch.optim.SGD(params, lr=lr, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True)
 
 
-def zoo_tent_forward_and_adapt(x, model, optimizer):
-    outputs = model(x)
-    loss = (-(outputs.softmax(1) * outputs.log_softmax(1)).sum(1)).mean(0)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    return outputs
-
-
-class ColorJitterPro(__import__("torchvision").transforms.ColorJitter):
-    """augmentations/transforms_cotta.py ColorJitterPro (forward only)."""
-
-    def __init__(self, brightness=0, contrast=0, saturation=0, hue=0, gamma=0):
-        super().__init__(brightness, contrast, saturation, hue)
-        self.gamma = self._check_input(gamma, "gamma")
-
-    def forward(self, img):
-        import torchvision.transforms.functional as F
-        fn_idx = torch.randperm(5)
-        for fn_id in fn_idx:
-            if fn_id == 0 and self.brightness is not None:
-                img = F.adjust_brightness(img, torch.tensor(1.0).uniform_(*self.brightness).item())
-            if fn_id == 1 and self.contrast is not None:
-                img = F.adjust_contrast(img, torch.tensor(1.0).uniform_(*self.contrast).item())
-            if fn_id == 2 and self.saturation is not None:
-                img = F.adjust_saturation(img, torch.tensor(1.0).uniform_(*self.saturation).item())
-            if fn_id == 3 and self.hue is not None:
-                img = F.adjust_hue(img, torch.tensor(1.0).uniform_(*self.hue).item())
-            if fn_id == 4 and self.gamma is not None:
-                gamma_factor = torch.tensor(1.0).uniform_(*self.gamma).item()
-                img = img.clamp(1e-8, 1.0)
-                img = F.adjust_gamma(img, gamma_factor)
-        return img
-
-
-def zoo_get_tta_transforms(img_size, gaussian_std=0.005):
-    """transforms_cotta.get_tta_transforms(img_size, soft=False, padding_mode='edge', cotta_augs=True); Clip and
-    GaussianNoise inline."""
-    import torchvision.transforms as T
-    n_pixels = img_size[0] if isinstance(img_size, (list, tuple)) else img_size
-    return T.Compose([
-        T.Lambda(lambda img: torch.clip(img, 0.0, 1.0)),
-        ColorJitterPro(brightness=[0.6, 1.4], contrast=[0.7, 1.3], saturation=[0.5, 1.5], hue=[-0.06, 0.06],
-                       gamma=[0.7, 1.3]),
-        T.Pad(padding=int(n_pixels / 2), padding_mode="edge"),
-        T.RandomAffine(degrees=[-15, 15], translate=(1 / 16, 1 / 16), scale=(0.9, 1.1), shear=None,
-                       interpolation=T.InterpolationMode.BILINEAR, fill=0),
-        T.GaussianBlur(kernel_size=5, sigma=[0.001, 0.5]),
-        T.CenterCrop(size=n_pixels),
-        T.RandomHorizontalFlip(p=0.5),
-        T.Lambda(lambda img: img + (torch.randn(img.size()) * gaussian_std + 0.0).to(img.device)),
-        T.Lambda(lambda img: torch.clip(img, 0.0, 1.0)),
-    ])
-
-
 class ZooCoTTA:
     """methods/cotta.py CoTTA.loss_calculation + forward_and_adapt (single precision), ema_update_model of
     utils/misc.py with update_all=True."""
@@ -165,13 +114,7 @@ class ZooCoTTA:
         for param in self.model_anchor.parameters():
             param.detach_()
         self.model_states = [copy.deepcopy(m.state_dict()) for m in (model, self.model_ema, self.model_anchor)]
-        self.transform = zoo_get_tta_transforms(img_size)
-
-    def softmax_entropy(self, x, x_ema):
-        if self.imagenet:  # softmax_entropy_imagenet
-            return (-0.5 * (x_ema.softmax(1) * x.log_softmax(1)).sum(1)
-                    - 0.5 * (x.softmax(1) * x_ema.log_softmax(1)).sum(1))
-        return -(x_ema.softmax(1) * x.log_softmax(1)).sum(1)
+        self.transform = cotta_get_tta_transforms(img_size)
 
     @torch.enable_grad()
     def __call__(self, imgs_test):
@@ -184,7 +127,7 @@ class ZooCoTTA:
             outputs_ema = torch.stack(ema_outputs).mean(0)
         else:
             outputs_ema = self.model_ema(imgs_test)
-        loss = self.softmax_entropy(outputs, outputs_ema).mean(0)
+        loss = cotta_softmax_entropy(outputs, outputs_ema, self.imagenet).mean(0)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
@@ -235,7 +178,7 @@ def test_tent_zoo_presets_step_as_the_zoo(preset):
     optimizer = zoo_setup_optimizer(zoo_collect_params(ref_model, tent=True), method, lr)
     source = copy.deepcopy(dict(model.named_parameters()))
     for x in stream(3):  # three steps, so that Adam's moments and Nesterov's momentum count
-        expected = zoo_tent_forward_and_adapt(x, ref_model, optimizer)
+        expected = tent_forward_and_adapt(x, ref_model, optimizer)
         torch.testing.assert_close(adapter(x), expected, **TOL)
         assert_same_params(model, ref_model)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, source[n])}
