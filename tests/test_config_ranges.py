@@ -1,15 +1,17 @@
 """Every numeric config field declares its range (tta.config), and a value outside it is refused when the config is
 built, whichever way it is built, with a message naming the field, the value and the range; counts that set the
-work of a call are bounded, so a typo such as 10**9 is refused at once instead of hanging or allocating gigabytes."""
+work of a call are bounded, so a typo such as 10**9 is refused at once instead of hanging or allocating gigabytes.
+A field that names one of a fixed set of choices is a Literal, refused by the same layer with the valid names."""
 import dataclasses
 import math
 import re
+import typing
 
 import pytest
 
 import tta
 from tta.adapter import ADAPTERS
-from tta.config import declared_ranges, make_config, numeric_fields
+from tta.config import declared_ranges, literal_choices, make_config, named_by, numeric_fields
 
 CONFIGS = {name: ADAPTERS.get(name).Config for name in tta.list_adapters()}
 
@@ -84,3 +86,40 @@ def test_the_declared_ranges_are_the_constraints_pydantic_enforces():
             if case_name == name:
                 with pytest.raises(pydantic.ValidationError):
                     model(**{**fields, key: value})
+
+
+# ---- choice fields: Literal types, checked by the same layer ------------------------------------------------------
+def choice_fields(cls):
+    hints = typing.get_type_hints(cls)
+    return {f.name: literal_choices(hints[f.name]) for f in dataclasses.fields(cls) if literal_choices(hints[f.name])}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_choice_field_refuses_an_unknown_name_listing_the_valid_ones(name):
+    cls = CONFIGS[name]
+    assert "optimizer" in choice_fields(cls)  # every method's optimizer is one
+    for key, names in choice_fields(cls).items():
+        typo = f"{names[0]}x"
+        valid = re.escape(", ".join(names))
+        with pytest.raises(ValueError, match=rf"{cls.__qualname__}: unknown {key} '{re.escape(typo)}'\. Did you mean "
+                                             rf"'{re.escape(names[0])}'\? Valid choices: {valid}"):
+            cls(**{key: typo})
+        with pytest.raises(ValueError, match=rf"{key} must be (.* or )?one of {valid}.*got int 3"):
+            cls(**{key: 3})
+        for value in names:  # every valid name is accepted
+            assert getattr(cls(**{key: value}), key) == value
+
+
+def test_choice_messages_say_what_else_is_allowed_and_why():
+    from tta.methods.sar import SARConfig
+    with pytest.raises(ValueError, match=r"unknown recovery 'paper'.*Valid choices: source, official, zoo \(or null\)"):
+        SARConfig(recovery="paper")
+    with pytest.raises(ValueError, match=r"unknown autocast 'True'.*\(or true or false\) \(write true or false without "
+                                         r"quotes\); true means auto"):
+        tta.create_adapter("diffusion_tta", object(), autocast="True")
+
+
+def test_a_mapping_of_choices_must_name_exactly_the_literal_ones():
+    assert named_by(typing.Literal["a", "b"], {"b": 1, "a": 2}) == {"b": 1, "a": 2}
+    with pytest.raises(TypeError, match=r"losses has the names \['a'\], its Literal type \['a', 'b'\]"):
+        named_by(typing.Literal["a", "b"], {"a": 1}, "losses")

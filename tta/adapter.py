@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple, get_args
 
 import torch
 from torch import nn
@@ -19,10 +19,11 @@ from torch import nn
 from .config import Beta, Fraction, Rate, Steps, check_config, make_config
 from .guard import check_step_fits, collapsed_to_one_class, skipped_update, unusable
 from .guard import finite_and_largest  # noqa: F401  (its old home: tests and callers import it from here)
-from .registry import Registry, unknown_name_message
+from .registry import Registry
 
 ADAPTERS = Registry("adapter")
-OPTIMIZERS = ("sgd", "adam", "adamw")
+Optimizer = Literal["sgd", "adam", "adamw"]  # a config field naming the optimizer
+OPTIMIZERS = get_args(Optimizer)
 
 
 @dataclass
@@ -30,7 +31,7 @@ class AdapterConfig:
     """Settings every method shares. Subclasses override the defaults with their paper's."""
     steps: Steps = 1               # optimizer steps per call
     episodic: bool = False         # restore the source state after every call (per-example / per-batch TTA)
-    optimizer: str = "sgd"         # sgd | adam | adamw
+    optimizer: Optimizer = "sgd"
     lr: Rate = 1e-3
     momentum: Fraction = 0.9       # SGD only
     nesterov: bool = False         # SGD only: Nesterov momentum (CoTTA's ImageNet code, the TTA zoo's ImageNet runs)
@@ -40,8 +41,6 @@ class AdapterConfig:
 
     def __post_init__(self):
         check_config(self)  # types and declared ranges (tta.config), before the checks that combine fields
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(unknown_name_message("optimizer", self.optimizer, OPTIMIZERS))
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             # torch refuses it only when the optimizer is built; say so while the config is read
             raise ValueError(f"nesterov applies to SGD with momentum > 0, got optimizer {self.optimizer!r} with "

@@ -4,6 +4,8 @@ Inputs are image batches in [0, 1]; torchvision is imported on first use so `imp
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 
@@ -15,7 +17,8 @@ def memo_augment(image: torch.Tensor, n: int, crop: str = "resized") -> torch.Te
     return torch.stack([aug(image) for _ in range(n)])
 
 
-MEMO_CROPS = ("resized", "pad4")
+MemoCrop = Literal["resized", "pad4"]
+MEMO_CROPS = get_args(MemoCrop)
 
 
 def _memo_crop(T, size, crop: str):

@@ -16,6 +16,11 @@ the same way, before any model is touched. Ranges are annotations, not fields: t
 or the id of a result row. The messages are ours, not pydantic's: they name the field, the value, the type or range
 allowed and, for the usual YAML slips, how to write it.
 
+A field that names one of a fixed set of choices is typed `Literal["a", "b"]` (Optional[...] where None means the
+preset's value): pydantic refuses any other name, and the message lists the valid choices and the closest one. Code
+that needs the names as a tuple takes them from the type (`typing.get_args`), and a mapping from the names to what
+they select is checked against it (`named_by`), so the names are written once per meaning.
+
 `check_field_types` also checks the benchmark file's dataclasses (tta.bench.fields.strict_dataclass).
 """
 from __future__ import annotations
@@ -24,7 +29,7 @@ import dataclasses
 import functools
 import numbers
 import typing
-from typing import Annotated, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Annotated, Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple, TypeVar, Union
 
 import pydantic
 import pydantic_core
@@ -71,14 +76,37 @@ def make_config(config_cls, cfg=None, overrides: Optional[Dict[str, Any]] = None
 
 
 def fill_from_preset(config: Any, presets: Dict[str, Dict[str, Any]]) -> None:
-    """Set the fields of `config` left unset (None) to the values of its named `preset`, so that a field given
-    explicitly always wins over the preset. Call it in __post_init__ before the checks: the preset's values are
-    then checked like the user's."""
-    if not isinstance(config.preset, str) or config.preset not in presets:
-        raise ValueError(f"{type(config).__qualname__}: " + unknown_name_message("preset", config.preset, presets))
+    """Set the fields of `config` left unset (None) to the values of its named `preset` (a field typed with the
+    Literal of the names of `presets`), so that a field given explicitly always wins over the preset. Call it in
+    __post_init__ before the checks: the preset's values are then checked like the user's."""
+    cls, where = type(config), type(config).__qualname__
+    named_by(_hints(cls, False)["preset"], presets, f"{where}.preset")
+    check_field_types(cls, {"preset": config.preset}, where)  # the name first: it says which values fill the rest
     for name, value in presets[config.preset].items():
         if getattr(config, name) is None:
             setattr(config, name, value)
+
+
+V = TypeVar("V")
+
+
+def literal_choices(hint: Any) -> Tuple[Any, ...]:
+    """The values the Literal in `hint` allows (alone, Optional, in a Union or Annotated); () for other types."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return args
+    if origin is Annotated:
+        return literal_choices(args[0])
+    return tuple(c for a in args for c in literal_choices(a)) if origin is Union else ()
+
+
+def named_by(choices: Any, mapping: Dict[str, V], what: str = "") -> Dict[str, V]:
+    """`mapping`, whose keys must be exactly the names the Literal `choices` allows: what each choice of a config
+    field selects (a preset's values, a loss function), kept from drifting apart from the field's type."""
+    names = literal_choices(choices)
+    if set(names) != set(mapping):
+        raise TypeError(f"{what or 'a mapping'} has the names {sorted(mapping)}, its Literal type {sorted(names)}")
+    return mapping
 
 
 def check_config(config: Any) -> None:
@@ -95,8 +123,7 @@ def check_field_types(cls, values: Dict[str, Any], where: str) -> None:
     hints = _hints(cls, False)
     for key, value in values.items():  # every type first: a wrong type is the likelier slip
         if key in hints and not _accepts(_validator(cls, key, False), value):
-            raise ValueError(f"{where}: {key} must be {_describe(hints[key])}, got {type(value).__name__} "
-                             f"{value!r}{_how_to_write(_validator(cls, key, False), value)}")
+            raise ValueError(_wrong_type(cls, key, value, where))
     for key, value in values.items():
         if key in hints:
             try:
@@ -105,6 +132,27 @@ def check_field_types(cls, values: Dict[str, Any], where: str) -> None:
                 error = err.errors(include_url=False)[0]
                 inside = "".join(f"[{i}]" for i in error["loc"] if isinstance(i, int))
                 raise ValueError(f"{where}: {key}{inside} {error['msg']}, got {error['input']!r}") from None
+
+
+def _wrong_type(cls, key: str, value: Any, where: str) -> str:
+    """The message for a value of field `key` of the wrong type, or a name that is not among its choices."""
+    hint, how = _hints(cls, False)[key], _how_to_write(_validator(cls, key, False), value)
+    names = literal_choices(hint)
+    if names and isinstance(value, str):  # an unknown name: the valid ones, the closest, what else is allowed
+        union = typing.get_origin(hint) is Union
+        others = [a for a in typing.get_args(hint) if not literal_choices(a)] if union else []
+        also = f" (or {' or '.join(_describe(a) for a in others)})" if others else ""
+        why = "".join(f"; {d}" for d in _docs(_hints(cls, True)[key]))
+        return f"{where}: {unknown_name_message(key, value, names)}{also}{how}{why}"
+    return f"{where}: {key} must be {_describe(hint)}, got {type(value).__name__} {value!r}{how}"
+
+
+def _docs(hint: Any) -> Iterator[str]:
+    if typing.get_origin(hint) is Annotated:
+        yield from (m.documentation for m in hint.__metadata__ if isinstance(m, DocInfo))
+    for arg in typing.get_args(hint):
+        if typing.get_origin(hint) is not Literal and arg is not Ellipsis and not isinstance(arg, (Interval, DocInfo)):
+            yield from _docs(arg)
 
 
 # ---- declared ranges ------------------------------------------------------------------------------------------
@@ -221,6 +269,8 @@ def _describe(hint: Any) -> str:
         return f"a list of {_describe(args[0])}" if args else "a list"
     if origin is dict:
         return "a mapping with string keys" if args[:1] == (str,) else "a mapping"
+    if origin is Literal:
+        return f"one of {', '.join(map(str, args))}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
         hint, getattr(hint, "__name__", str(hint)))
 

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import named_by
 from .registry import unknown_name_message
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 # What a method's `norms` field names: "all" normalisation layers, or "batch" norm only (the authors' collect_params
 # of TENT and EATA, which take BatchNorm2d alone, so that a LayerNorm or GroupNorm network has nothing to adapt there).
-NORM_KINDS = {"all": NORM_LAYERS, "batch": (nn.modules.batchnorm._BatchNorm,)}
+NormKind = Literal["all", "batch"]
+NORM_KINDS = named_by(NormKind, {"all": NORM_LAYERS, "batch": (nn.modules.batchnorm._BatchNorm,)})
 
 
 def freeze(model: nn.Module) -> None:

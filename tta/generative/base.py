@@ -16,10 +16,12 @@ import functools
 import importlib.util
 import json
 import os
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (Annotated, Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union,
+                    get_args)
 
 import torch
 import torch.nn.functional as F
+from annotated_types import doc
 from torch import nn
 
 from ..models.wrapper import check_images, standardise_each_image
@@ -227,7 +229,12 @@ def replaced_outputs(modules: Iterable[nn.Module], output: Callable[[nn.Module],
             h.remove()
 
 
-AUTOCAST_MODES = ("auto", "bf16", "off")
+Autocast = Literal["auto", "bf16", "off"]
+AUTOCAST_MODES = get_args(Autocast)
+# A config's `autocast` field: the judge's precision (see autocast_for)
+AutocastSetting = Annotated[Union[bool, Autocast], doc(
+    "true means auto, false off: 'auto' is bf16 on CUDA only, 'bf16' also on CPUs with native bf16, 'off' is float32 "
+    "everywhere")]
 
 
 @functools.lru_cache(maxsize=None)

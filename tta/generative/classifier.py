@@ -15,11 +15,12 @@ This keeps argmax(logits) equal to the pruning decision and reduces to the plain
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Literal, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ..config import named_by
 from ..registry import unknown_name_message
 from .base import DiffusionBackend, autocast_for, check_autocast
 from .sampling import LOSSES, sample_noise, subgrid_positions, timestep_grid
@@ -32,7 +33,8 @@ class ClassifierPreset(NamedTuple):
 
 # The authors' commands for Stable Diffusion (github.com/diffusion-classifier/diffusion-classifier, commands.md and
 # README.md): each data set's schedule and the loss its command passes.
-PRUNING_PRESETS: Dict[str, ClassifierPreset] = {
+PruningPreset = Literal["cifar10", "pets", "flowers", "stl10", "food", "aircraft", "imagenet", "objectnet"]
+PRUNING_PRESETS: Dict[str, ClassifierPreset] = named_by(PruningPreset, {
     "cifar10": ClassifierPreset((5, 1), (50, 500), "l1"),
     "pets": ClassifierPreset((5, 1), (25, 250), "l1"),
     "flowers": ClassifierPreset((20, 10, 5, 1), (20, 50, 100, 500), "l1"),
@@ -41,7 +43,7 @@ PRUNING_PRESETS: Dict[str, ClassifierPreset] = {
     "aircraft": ClassifierPreset((20, 10, 5, 1), (20, 50, 100, 500), "l2"),
     "imagenet": ClassifierPreset((500, 50, 10, 1), (50, 100, 500, 1000), "l2"),
     "objectnet": ClassifierPreset((25, 10, 5, 1), (50, 100, 500, 1000), "l2"),
-}
+})
 DEFAULT_PRESET = "cifar10"  # what runs when neither a preset nor a schedule is given
 
 

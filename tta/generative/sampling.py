@@ -6,15 +6,16 @@ Random draws take an optional `torch.Generator`, so a run can be repeated exactl
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Literal, Optional, Sequence, Tuple, get_args
 
 import torch
 
 from ..registry import unknown_name_message
 
-TIMESTEP_MODES = ("uniform", "stratified", "grid")
-NOISE_MODES = ("independent", "shared")
-LOSSES = ("l2", "l1")
+TimestepMode = Literal["uniform", "stratified", "grid"]
+NoiseMode = Literal["independent", "shared"]
+Loss = Literal["l2", "l1"]
+TIMESTEP_MODES, NOISE_MODES, LOSSES = get_args(TimestepMode), get_args(NoiseMode), get_args(Loss)
 
 
 def timestep_grid(num_train_timesteps: int, n: int) -> List[int]:

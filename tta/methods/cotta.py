@@ -35,20 +35,22 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Literal, Optional
 
 import torch
 
-from ..adapter import Adapter, AdapterConfig, register_adapter
+from ..adapter import Adapter, AdapterConfig, Optimizer, register_adapter
 from ..augment import check_cotta_size, cotta_augment, cotta_augment_official
-from ..config import Fraction, Rate, Views, fill_from_preset
+from ..config import Fraction, Rate, Views, fill_from_preset, named_by
 from ..losses import cross_entropy_soft, require_class_scores, symmetric_cross_entropy
 from ..params import ema_update, use_batch_statistics
-from ..registry import unknown_name_message
 
-LOSSES = {"ce": cross_entropy_soft, "sce": symmetric_cross_entropy}
-AUGMENTATIONS = {"tta": cotta_augment, "official": cotta_augment_official}
-ADAPTED = ("all", "weight_bias")
+Loss = Literal["ce", "sce"]  # sce: symmetric cross-entropy (official-imagenet)
+Augment = Literal["tta", "official"]  # tta.augment.cotta_augment / cotta_augment_official
+Adapted = Literal["all", "weight_bias"]  # weight_bias: the parameters named weight or bias, as the authors' code
+LOSSES = named_by(Loss, {"ce": cross_entropy_soft, "sce": symmetric_cross_entropy})
+AUGMENTATIONS = named_by(Augment, {"tta": cotta_augment, "official": cotta_augment_official})
+Preset = Literal["tta", "official-cifar10", "official-imagenet", "zoo-cifar10", "zoo-imagenet"]
 _CIFAR = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "nesterov": False, "restore_prob": 0.01,
           "confidence_threshold": 0.92, "loss": "ce"}
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -64,8 +66,8 @@ PRESETS["zoo-imagenet"] = PRESETS["official-imagenet"]    # zoo cfgs/imagenet_c/
 
 @dataclass
 class CoTTAConfig(AdapterConfig):
-    preset: str = "tta"                # tta | official-cifar10 | official-imagenet | zoo-cifar10 | zoo-imagenet
-    optimizer: Optional[str] = None    # None: the preset's (adam; sgd for official-imagenet, zoo-imagenet)
+    preset: Preset = "tta"
+    optimizer: Optional[Optimizer] = None  # None: the preset's (adam; sgd for official-imagenet, zoo-imagenet)
     lr: Optional[Rate] = None          # None: the preset's (1e-3; 0.01 for official-imagenet)
     momentum: Optional[Fraction] = None
     nesterov: Optional[bool] = None
@@ -73,17 +75,13 @@ class CoTTAConfig(AdapterConfig):
     restore_prob: Optional[Fraction] = None          # 0.01; 0.001 for official-imagenet
     confidence_threshold: Optional[Fraction] = None  # compared with the anchor's mean largest class probability
     n_augmentations: Views = 32
-    loss: Optional[str] = None         # ce | sce (symmetric cross-entropy, official-imagenet)
-    adapt: Optional[str] = None        # all | weight_bias (parameters named weight or bias, as the authors' code)
-    augment: Optional[str] = None      # tta | official (tta.augment.cotta_augment / cotta_augment_official)
+    loss: Optional[Loss] = None        # None: the preset's (ce; sce for official-imagenet, zoo-imagenet)
+    adapt: Optional[Adapted] = None    # None: the preset's (all; weight_bias for official-*, zoo-*)
+    augment: Optional[Augment] = None  # None: the preset's (tta; official for official-*, zoo-*)
 
     def __post_init__(self):
         fill_from_preset(self, PRESETS)
         super().__post_init__()
-        for name, value, valid in (("loss", self.loss, LOSSES), ("adapt", self.adapt, ADAPTED),
-                                   ("augment", self.augment, AUGMENTATIONS)):
-            if value not in valid:
-                raise ValueError("cotta: " + unknown_name_message(name, value, valid))
 
 
 @register_adapter("cotta")

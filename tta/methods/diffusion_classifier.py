@@ -29,7 +29,7 @@ Two faces of one scorer (tta.generative.classifier.DiffusionClassifier):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, List, Optional, Tuple, Union
+from typing import Annotated, List, Optional, Tuple
 
 import torch
 from annotated_types import Interval
@@ -37,11 +37,10 @@ from torch import nn
 
 from ..adapter import AdapterConfig, register_adapter
 from ..config import MAX_PAIRS, Pairs, Positive, Seed, Steps
-from ..generative.base import check_autocast
-from ..generative.classifier import (CLASSIFIER_OPTIONS, PRUNING_PRESETS, DiffusionClassifier, resolve_loss,
+from ..generative.base import AutocastSetting, check_autocast
+from ..generative.classifier import (CLASSIFIER_OPTIONS, DiffusionClassifier, PruningPreset, resolve_loss,
                                      resolve_schedule)
-from ..generative.sampling import LOSSES
-from ..registry import unknown_name_message
+from ..generative.sampling import Loss
 from .judged import JudgedAdapter
 
 
@@ -49,23 +48,19 @@ from .judged import JudgedAdapter
 class DiffusionClassifierConfig(AdapterConfig):
     steps: Steps = 0                       # nothing adapts
     backend: Optional[str] = None          # "<kind>:<hub id or folder>" or a folder, loaded with create_backend
-    preset: Optional[str] = None           # a data set of PRUNING_PRESETS: its keep/samples per stage and its loss
+    preset: Optional[PruningPreset] = None  # a data set of PRUNING_PRESETS: its keep/samples per stage and its loss
     # classes kept after each stage (default: the cifar10 preset)
     keep: Optional[Tuple[Annotated[int, Interval(ge=1, le=1_000_000)], ...]] = None
     samples: Optional[Tuple[Pairs, ...]] = None  # cumulative (t, eps) samples per class at each stage
-    loss: Optional[str] = None             # l2 | l1; None: the preset's (cifar10's without a schedule), else l2
+    loss: Optional[Loss] = None            # None: the preset's (cifar10's without a schedule), else l2
     temperature: Positive = 1.0            # logits = -error / temperature; fit it with calibrate()
     micro_batch: Annotated[int, Interval(ge=1, le=MAX_PAIRS)] = 32  # judge evaluations per forward pass
     n_trials: Annotated[int, Interval(ge=1, le=1000)] = 1  # noises per timestep: multiplies the judge's work
     seed: Optional[Seed] = None            # seed of the shared noise; None uses torch's global generator
-    autocast: Union[bool, str] = "auto"    # judge precision: auto (bf16 on CUDA) | bf16 (also native-bf16 CPUs) | off
+    autocast: AutocastSetting = "auto"     # judge precision: auto (bf16 on CUDA) | bf16 (also native-bf16 CPUs) | off
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss is not None and self.loss not in LOSSES:
-            raise ValueError(unknown_name_message("loss", self.loss, LOSSES))
-        if self.preset is not None and self.preset not in PRUNING_PRESETS:
-            raise ValueError(unknown_name_message("pruning preset", self.preset, PRUNING_PRESETS))
         self.keep = tuple(self.keep) if self.keep is not None else None
         self.samples = tuple(self.samples) if self.samples is not None else None
         resolve_schedule(self.preset, self.keep, self.samples)

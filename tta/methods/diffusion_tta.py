@@ -38,26 +38,26 @@ every image of a batch on its own parameter copy at once (torch.func), the same 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Dict, List, Optional, Tuple, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 from annotated_types import Interval, doc
 from torch import nn
 
-from ..adapter import AdapterConfig, register_adapter
+from ..adapter import AdapterConfig, Optimizer, register_adapter
 from ..config import MAX_PAIRS, Fraction, NonNegative, Pairs, Rate, Seed, Steps, fill_from_preset
-from ..generative.base import autocast_for, check_autocast
+from ..generative.base import AutocastSetting, autocast_for, check_autocast
 from ..generative.loading import condition_weights
 from ..generative.memory import MicroBatchSizer
-from ..generative.sampling import LOSSES, NOISE_MODES, TIMESTEP_MODES, sample_pairs
+from ..generative.sampling import Loss, NoiseMode, TimestepMode, sample_pairs
 from ..lora import LoRASet
 from ..models.wrapper import ImageModel
 from ..params import all_but_last_parameters, enable_adapted  # noqa: F401  (tests import it from here)
 from ..per_example import adapt_per_example
-from ..registry import unknown_name_message
 from .judged import JudgedAdapter, device_of
 
-ADAPT_CHOICES = ("all_but_last", "all", "norm", "last", "lora")
+Adapt = Literal["all_but_last", "all", "norm", "last", "lora"]
+Preset = Literal["official-dit", "official-dit-adam", "official-sd", "classifier-only"]
 # Named settings, each one official configuration; a preset fills only the fields the user left unset (None).
 _DIT = {"optimizer": "sgd", "lr": 5e-3, "pairs": 180, "micro_batch": 15, "adapt_backend": True}
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -70,10 +70,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 @dataclass
 class DiffusionTTAConfig(AdapterConfig):
-    preset: str = "official-dit"       # official-dit | official-dit-adam | official-sd | classifier-only
+    preset: Preset = "official-dit"
     steps: Steps = 5
     episodic: bool = True
-    optimizer: Optional[str] = None    # None: the preset's (sgd; adamw for official-dit-adam)
+    optimizer: Optional[Optimizer] = None  # None: the preset's (sgd; adamw for official-dit-adam)
     lr: Optional[Rate] = None          # None: the preset's (5e-3; 1e-5 for official-dit-adam)
     momentum: Fraction = 0.9
     backend: Optional[str] = None      # "<kind>:<hub id or folder>" or a folder, loaded with create_backend
@@ -82,10 +82,10 @@ class DiffusionTTAConfig(AdapterConfig):
     micro_batch: Optional[Annotated[int, Interval(ge=0, le=MAX_PAIRS), doc("0: sized from free memory")]] = None
     # micro_batch=0: at most this much for the judge's activations
     memory_gb: Optional[Annotated[float, Interval(gt=0, le=1e6), doc("or null: half the free memory")]] = None
-    timesteps: str = "uniform"         # uniform | stratified | grid
-    noise: str = "independent"         # independent | shared (one eps for all pairs of a step)
-    loss: str = "l2"                   # l2 | l1
-    adapt: str = "all_but_last"        # all_but_last | all | norm | last | lora
+    timesteps: TimestepMode = "uniform"
+    noise: NoiseMode = "independent"   # shared: one eps for all pairs of a step
+    loss: Loss = "l2"
+    adapt: Adapt = "all_but_last"
     last_layer: Optional[str] = None   # the module adapt="last" adapts and adapt="all_but_last" leaves out
     lora_rank: Annotated[int, Interval(ge=1, le=4096)] = 8
     lora_alpha: NonNegative = 8.0
@@ -93,7 +93,7 @@ class DiffusionTTAConfig(AdapterConfig):
     backend_lr: Optional[Rate] = None  # the denoiser's learning rate (default: lr)
     seed: Optional[Seed] = None        # seed of the (t, eps) draws; None uses torch's global generator
     per_example: bool = False          # episodic: every image of a batch adapts its own copy, all at once
-    autocast: Union[bool, str] = "off"  # judge precision: off (float32, as official) | auto (bf16 on CUDA) | bf16
+    autocast: AutocastSetting = "off"  # judge precision: off (float32, as official) | auto (bf16 on CUDA) | bf16
     channels_last: bool = False        # the judge's convolutions in NHWC
     compile: bool = False              # torch.compile the judge's denoiser
     checkpointing: bool = False        # recompute the judge's activations in backward (less memory)
@@ -101,10 +101,6 @@ class DiffusionTTAConfig(AdapterConfig):
     def __post_init__(self):
         fill_from_preset(self, PRESETS)  # before validation, so preset values are checked too
         super().__post_init__()
-        for name, value, valid in (("adapt", self.adapt, ADAPT_CHOICES), ("timesteps", self.timesteps, TIMESTEP_MODES),
-                                   ("noise", self.noise, NOISE_MODES), ("loss", self.loss, LOSSES)):
-            if value not in valid:
-                raise ValueError(unknown_name_message(name, value, valid))
         self.autocast = check_autocast(self.autocast)
         if self.per_example and (not self.episodic or self.adapt_backend):
             raise ValueError("per_example adapts a copy of the model per image and drops it after the call: it needs "

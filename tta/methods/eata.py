@@ -33,20 +33,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Dict, Iterable, Optional, Tuple
+from typing import Annotated, Any, Dict, Iterable, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from annotated_types import Interval, doc
 
-from ..adapter import Adapter, AdapterConfig, register_adapter
+from ..adapter import Adapter, AdapterConfig, Optimizer, register_adapter
 from ..config import Fraction, NonNegative, Rate, fill_from_preset
 from ..losses import require_class_scores, softmax_entropy
-from ..params import NORM_KINDS, enable_norm_affine, use_batch_statistics
-from ..registry import unknown_name_message
+from ..params import NormKind, enable_norm_affine, use_batch_statistics
 
 _IMAGENET = {"optimizer": "sgd", "lr": 2.5e-4, "momentum": 0.9, "nesterov": False, "d_margin": 0.05,
              "fisher_alpha": 2000.0}
+Preset = Literal["tta", "official", "zoo-cifar10", "zoo-imagenet"]
 PRESETS: Dict[str, Dict[str, Any]] = {
     "tta": {**_IMAGENET, "keep_average_on_reset": False, "norms": "all"},
     "official": {**_IMAGENET, "keep_average_on_reset": True, "norms": "batch"},  # mr-eggplant/EATA main.py, eata.py
@@ -58,8 +58,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 @dataclass
 class EATAConfig(AdapterConfig):
-    preset: str = "tta"                # tta | official | zoo-cifar10 | zoo-imagenet
-    optimizer: Optional[str] = None    # None: the preset's (sgd; adam for zoo-cifar10)
+    preset: Preset = "tta"
+    optimizer: Optional[Optimizer] = None  # None: the preset's (sgd; adam for zoo-cifar10)
     lr: Optional[Rate] = None          # None: the preset's (2.5e-4; 1e-3 for zoo-cifar10)
     momentum: Optional[Fraction] = None
     nesterov: Optional[bool] = None
@@ -70,13 +70,11 @@ class EATAConfig(AdapterConfig):
     fisher_data: Optional[str] = None
     fisher_size: Annotated[int, Interval(ge=1, le=10_000_000), doc("clean images for the Fisher")] = 2000
     keep_average_on_reset: Optional[bool] = None  # reset() keeps the moving average of predictions (official)
-    norms: Optional[str] = None        # all | batch: the normalisation layers adapted (batch for official)
+    norms: Optional[NormKind] = None   # the normalisation layers adapted: all or batch (batch for official)
 
     def __post_init__(self):
         fill_from_preset(self, PRESETS)
         super().__post_init__()
-        if self.norms not in NORM_KINDS:
-            raise ValueError("eata: " + unknown_name_message("norms", self.norms, NORM_KINDS))
         if self.fisher_data is not None and not self.fisher_data.strip():
             raise ValueError("eata: fisher_data is empty; give \"clean\" (the benchmark's uncorrupted images) or a "
                              "folder of clean images, or leave it out to run ETA (no Fisher regulariser)")

@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from ..adapter import Adapter, AdapterConfig, register_adapter
+from ..adapter import Adapter, AdapterConfig, Optimizer, register_adapter
 from ..config import Fraction, Rate
 from ..losses import per_sample
 from ..nets.it3_conditioning import IT3Net
 from ..params import ema_update
 
-ANCHORS = ("frozen", "ema")
-DISTANCES = ("mse", "js")
-PREDICTIONS = ("first", "second")
+Anchor = Literal["frozen", "ema"]
+Distance = Literal["mse", "js"]
+Prediction = Literal["first", "second"]
+DISTANCES = get_args(Distance)
 
 
 def jensen_shannon(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
@@ -59,18 +61,15 @@ def idempotence_loss(model: IT3Net, anchor: nn.Module, x: torch.Tensor, distance
 @dataclass
 class IT3Config(AdapterConfig):
     episodic: bool = True          # the paper adapts per test input and starts from the source model each time
-    optimizer: str = "adam"
+    optimizer: Optimizer = "adam"
     lr: Rate = 1e-3
-    anchor: str = "frozen"         # frozen source copy (paper) | ema of the adapted model (online variant)
+    anchor: Anchor = "frozen"      # frozen source copy (paper) | ema of the adapted model (online variant)
     ema_momentum: Fraction = 0.999  # anchor="ema" only
-    distance: str = "mse"          # mse | js (classification only)
-    predict: str = "first"         # first: f(x, 0); second: f(x, f(x, 0)), both after adaptation
+    distance: Distance = "mse"     # mse | js (classification only)
+    predict: Prediction = "first"  # first: f(x, 0); second: f(x, f(x, 0)), both after adaptation
 
     def __post_init__(self):
         super().__post_init__()
-        for key, allowed in (("anchor", ANCHORS), ("distance", DISTANCES), ("predict", PREDICTIONS)):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
 
 
 @register_adapter("it3")

@@ -21,19 +21,20 @@ Presets (`preset`; a field given explicitly wins), from the authors' code (zhang
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Dict, Optional
+from typing import Annotated, Any, Dict, Literal, Optional
 
 import torch
 from annotated_types import Interval, doc
 
-from ..adapter import Adapter, AdapterConfig, register_adapter
-from ..augment import MEMO_CROPS, memo_augment, memo_augment_official
-from ..config import LARGE, Fraction, Rate, Views, fill_from_preset
+from ..adapter import Adapter, AdapterConfig, Optimizer, register_adapter
+from ..augment import MemoCrop, memo_augment, memo_augment_official
+from ..config import LARGE, Fraction, Rate, Views, fill_from_preset, named_by
 from ..losses import marginal_entropy, require_class_scores
 from ..params import batch_norm_prior
-from ..registry import unknown_name_message
 
-AUGMENTATIONS = {"tta": memo_augment, "official": memo_augment_official}
+Augment = Literal["tta", "official"]  # tta: torchvision's AugMix; official: the authors' AugMix
+AUGMENTATIONS = named_by(Augment, {"tta": memo_augment, "official": memo_augment_official})
+Preset = Literal["tta", "official", "official-cifar10"]
 _OFFICIAL = {"optimizer": "sgd", "momentum": 0.0, "nesterov": False, "augment": "official"}
 PRESETS: Dict[str, Dict[str, Any]] = {
     "tta": {"optimizer": "sgd", "lr": 2.5e-4, "momentum": 0.9, "nesterov": False, "n_augmentations": 64,
@@ -45,25 +46,22 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 @dataclass
 class MEMOConfig(AdapterConfig):
-    preset: str = "tta"                # tta | official | official-cifar10
+    preset: Preset = "tta"
     episodic: bool = True
-    optimizer: Optional[str] = None    # None: the preset's (sgd)
+    optimizer: Optional[Optimizer] = None  # None: the preset's (sgd)
     lr: Optional[Rate] = None          # None: the preset's (2.5e-4; 0.005 for official-cifar10)
     momentum: Optional[Fraction] = None  # 0.9; 0 for the official presets (one step: the same update)
     nesterov: Optional[bool] = None
     n_augmentations: Optional[Views] = None  # 64; 32 for official-cifar10
     # batch-norm prior N: BN mixes N parts source statistics with 1 part the batch's; -1: source statistics only
     prior_strength: Optional[Annotated[float, Interval(ge=-1, le=LARGE), doc("-1: no prior")]] = None
-    augment: Optional[str] = None      # tta (torchvision's AugMix) | official (the authors' AugMix)
-    crop: Optional[str] = None         # resized (RandomResizedCrop, ImageNet) | pad4 (RandomCrop, 4 pixels, CIFAR)
+    augment: Optional[Augment] = None  # None: the preset's (tta; official for the official presets)
+    crop: Optional[MemoCrop] = None    # resized (RandomResizedCrop, ImageNet) | pad4 (RandomCrop, 4 pixels, CIFAR)
 
     def __post_init__(self):
         fill_from_preset(self, PRESETS)
         super().__post_init__()
         self.prior_strength = float(self.prior_strength)
-        for name, value, valid in (("augment", self.augment, AUGMENTATIONS), ("crop", self.crop, MEMO_CROPS)):
-            if value not in valid:
-                raise ValueError("memo: " + unknown_name_message(name, value, valid))
 
 
 @register_adapter("memo")

@@ -11,7 +11,7 @@ TensorFlow ports use 1e-3).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Dict, Optional
+from typing import Annotated, Any, Dict, Literal, Optional
 
 import torch
 from annotated_types import Interval, doc
@@ -21,12 +21,13 @@ from ..adapter import Adapter, AdapterConfig, register_adapter
 from ..config import Steps, fill_from_preset
 from ..params import use_batch_statistics
 
+Preset = Literal["tta", "official"]
 PRESETS: Dict[str, Dict[str, Any]] = {"tta": {"bn_eps": -1.0}, "official": {"bn_eps": 1e-5}}
 
 
 @dataclass
 class NormConfig(AdapterConfig):
-    preset: str = "tta"                # tta | official
+    preset: Preset = "tta"
     steps: Steps = 1
     # epsilon of every batch-norm layer; -1: each layer's own (None: the preset's)
     bn_eps: Optional[Annotated[float, Interval(ge=-1, le=1), doc("-1: each layer's own")]] = None

@@ -33,19 +33,19 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Literal, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..adapter import Adapter, AdapterConfig, register_adapter
+from ..adapter import Adapter, AdapterConfig, Optimizer, register_adapter
 from ..config import Fraction, NonNegative, Rate, fill_from_preset
 from ..losses import require_class_scores, softmax_entropy
 from ..params import enable_norm_affine, network_of, use_batch_statistics
-from ..registry import unknown_name_message
 
-RECOVERIES = ("source", "official", "zoo")
-LR_RULES = ("fixed", "official")
+Preset = Literal["tta", "official", "zoo-cifar10"]
+Recovery = Literal["source", "official", "zoo"]  # what a recovery restores (see the module docstring)
+LrRule = Literal["fixed", "official"]  # fixed: lr; official: the authors' lr from the first batch's size
 TOP_BLOCKS = ("*layer4*", "*blocks.9*", "*blocks.10*", "*blocks.11*")  # ResNet layer4, ViT-Base blocks 9-11
 _SGD = {"optimizer": "sgd", "momentum": 0.9, "nesterov": False}
 _OFFICIAL = {**_SGD, "exclude": TOP_BLOCKS + ("*norm.*", "norm"), "always_step": True}
@@ -59,8 +59,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 @dataclass
 class SARConfig(AdapterConfig):
-    preset: str = "tta"                # tta | official | zoo-cifar10
-    optimizer: Optional[str] = None    # None: the preset's (sgd: SAM's base optimizer)
+    preset: Preset = "tta"
+    optimizer: Optional[Optimizer] = None  # None: the preset's (sgd: SAM's base optimizer)
     lr: Optional[Rate] = None          # None: the preset's (2.5e-4; 1e-3 for zoo-cifar10)
     momentum: Optional[Fraction] = None
     nesterov: Optional[bool] = None
@@ -69,17 +69,13 @@ class SARConfig(AdapterConfig):
     reset_constant: NonNegative = 0.2  # recover the source model when the loss EMA falls below this
     exclude: Optional[Tuple[str, ...]] = None  # norm layers left out (fnmatch on the network's module names)
     always_step: Optional[bool] = None  # take the descent step without reliable samples (official: momentum moves)
-    recovery: Optional[str] = None     # source | official | zoo: what a recovery restores (see the module docstring)
-    lr_rule: str = "fixed"             # fixed (lr) | official (the authors' lr from the first batch's size)
+    recovery: Optional[Recovery] = None  # None: the preset's (source; official, zoo for those presets)
+    lr_rule: LrRule = "fixed"
 
     def __post_init__(self):
         fill_from_preset(self, PRESETS)
         super().__post_init__()
         self.exclude = tuple(self.exclude)
-        if self.recovery not in RECOVERIES:
-            raise ValueError("sar: " + unknown_name_message("recovery", self.recovery, RECOVERIES))
-        if self.lr_rule not in LR_RULES:
-            raise ValueError("sar: " + unknown_name_message("lr_rule", self.lr_rule, LR_RULES))
 
 
 @register_adapter("sar")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from annotated_types import Interval, doc
 from torch import nn
 
-from ..adapter import Adapter, AdapterConfig, register_adapter
+from ..adapter import Adapter, AdapterConfig, Optimizer, register_adapter
 from ..config import MAX_STEPS, NonNegative, Rate, Steps
 
 
@@ -108,7 +108,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str, kind: str)
 class SlowInferenceConfig(AdapterConfig):
     steps: Steps = 150           # the most steps per scene; early stopping may end sooner
     episodic: bool = True        # reset after every scene
-    optimizer: str = "adam"
+    optimizer: Optimizer = "adam"
     lr: Rate = 5e-4
     per_example: bool = True     # adapt on each scene of a batch on its own (the paper's setting)
     # stop after this many steps without a min_delta improvement; 0 = never stop early

@@ -31,18 +31,18 @@ the ResNets the presets were published with, have neither.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Literal, Optional
 
-from ..adapter import Adapter, AdapterConfig, register_adapter
+from ..adapter import Adapter, AdapterConfig, Optimizer, register_adapter
 from ..config import Fraction, Rate, fill_from_preset
 from ..losses import require_class_scores, softmax_entropy
-from ..params import NORM_KINDS, enable_norm_affine, use_batch_statistics
-from ..registry import unknown_name_message
+from ..params import NormKind, enable_norm_affine, use_batch_statistics
 
 
 # Weight decay 0 and Adam's betas (0.9, 0.999), the zoo's WD and BETA, are every config's defaults.
 _SGD = {"optimizer": "sgd", "lr": 2.5e-4, "momentum": 0.9}
 _ADAM = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "nesterov": False}
+Preset = Literal["tta", "zoo-cifar10", "zoo-imagenet", "official-cifar10", "official-imagenet"]
 PRESETS: Dict[str, Dict[str, Any]] = {
     "tta": {**_SGD, "nesterov": False, "norms": "all"},
     "zoo-cifar10": {**_ADAM, "norms": "all"},                                          # zoo cifar10_c/tent.yaml
@@ -54,18 +54,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 @dataclass
 class TentConfig(AdapterConfig):
-    preset: str = "tta"                # tta | zoo-cifar10 | zoo-imagenet | official-cifar10 | official-imagenet
-    optimizer: Optional[str] = None    # None: the preset's (sgd; adam for zoo-cifar10, official-cifar10)
+    preset: Preset = "tta"
+    optimizer: Optional[Optimizer] = None  # None: the preset's (sgd; adam for zoo-cifar10, official-cifar10)
     lr: Optional[Rate] = None          # None: the preset's (2.5e-4; 1e-3 for zoo-cifar10, official-cifar10)
     momentum: Optional[Fraction] = None
     nesterov: Optional[bool] = None    # None: the preset's (true for zoo-imagenet, official-imagenet)
-    norms: Optional[str] = None        # all | batch: the normalisation layers adapted (batch for official-*)
+    norms: Optional[NormKind] = None   # the normalisation layers adapted: all or batch (batch for official-*)
 
     def __post_init__(self):
         fill_from_preset(self, PRESETS)
         super().__post_init__()
-        if self.norms not in NORM_KINDS:
-            raise ValueError("tent: " + unknown_name_message("norms", self.norms, NORM_KINDS))
 
 
 @register_adapter("tent")

@@ -20,18 +20,18 @@ the loss too noisy to stop on).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from ..adapter import register_adapter
+from ..adapter import Optimizer, register_adapter
 from ..config import Fraction, Rate, Steps, Views
 from ..nets.mae_decoder import MaskedAutoencoderViT
-from ..registry import unknown_name_message
 from .slow_inference import SlowInference, SlowInferenceConfig, reconstruction_loss
 
 
-FINETUNE_MODES = ("encoder", "encoder_no_msk", "encoder_no_cls_no_msk")
+FinetuneMode = Literal["encoder", "encoder_no_msk", "encoder_no_cls_no_msk"]
 MASK_TOKEN = "decoder.mask_token"  # MaskedAutoencoderViT keeps it in its decoder
 CLS_TOKEN = "vit.cls_token"
 
@@ -39,16 +39,11 @@ CLS_TOKEN = "vit.cls_token"
 @dataclass
 class TTTMAEConfig(SlowInferenceConfig):
     steps: Steps = 20
-    optimizer: str = "sgd"
+    optimizer: Optimizer = "sgd"
     lr: Rate = 5e-3
     momentum: Fraction = 0.9
     views: Views = 128           # copies of the test image per step, each with its own random mask
-    finetune_mode: str = "encoder"  # encoder (+ cls and mask tokens) | encoder_no_msk | encoder_no_cls_no_msk
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.finetune_mode not in FINETUNE_MODES:
-            raise ValueError(unknown_name_message("finetune_mode", self.finetune_mode, FINETUNE_MODES))
+    finetune_mode: FinetuneMode = "encoder"  # encoder (+ cls and mask tokens) | encoder_no_msk | encoder_no_cls_no_msk
 
 
 @register_adapter("ttt_mae")
