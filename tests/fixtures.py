@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import tta
-from tta.generative import DiffusionBackend
+from tta.generative import DiffusionJudge
 
 
 # ---- what each registered method is ------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def make_adapter(name, **config):
     return model, tta.create_adapter(name, model, **{**FAST.get(name, {}), **config})
 
 
-# ---- tiny judges, saved as diffusers folders so that create_backend's real loading path runs ------------------
+# ---- tiny judges, saved as diffusers folders so that create_judge's real loading path runs ------------------
 def tiny_scheduler(cls_name="DDPMScheduler"):
     import diffusers
     return getattr(diffusers, cls_name)(num_train_timesteps=1000)
@@ -219,8 +219,8 @@ def tiny_judge_folder():
 
 def _diffusion_model(name):
     torch.manual_seed(1)
-    config = ({"backend": tiny_judge_folder(), "steps": 1, "pairs": 4, "micro_batch": 4} if name == "diffusion_tta"
-              else {"backend": tiny_judge_folder(), "samples": (4,), "micro_batch": 20})
+    config = ({"judge": tiny_judge_folder(), "steps": 1, "pairs": 4, "micro_batch": 4} if name == "diffusion_tta"
+              else {"judge": tiny_judge_folder(), "samples": (4,), "micro_batch": 20})
     return tiny_model(sharpness=20.0), config, torch.rand(8, 3, 16, 16)
 
 
@@ -240,7 +240,7 @@ def model_and_config(name, **overrides):
 
 
 # ---- a judge with a closed-form noise prediction -------------------------------------------------------------
-class GaussianJudge(DiffusionBackend):
+class GaussianJudge(DiffusionJudge):
     """Data x0 ~ N(mu_c, s^2 I) per class: the optimal noise prediction is known in closed form,
     E[eps | x_t, c] = sqrt(1 - a) (x_t - sqrt(a) mu_c) / (a s^2 + 1 - a)."""
     conditioning = "class"
@@ -290,7 +290,7 @@ def gaussian_problem(k=10, s=0.15, n=12, seed=0):
 NAIVE_SETTING = {"adapt": "all", "preset": "classifier-only"}
 
 
-def naive_diffusion_tta_step(model, backend, x, optimizer, pairs: int = 180, micro_batch: int = 15,
+def naive_diffusion_tta_step(model, judge, x, optimizer, pairs: int = 180, micro_batch: int = 15,
                              generator: Optional[torch.Generator] = None, loss: str = "l2",
                              step: bool = True) -> float:
     """One Diffusion-TTA optimizer step as the authors' code structures it: fp32, `pairs` (t, eps) pairs in
@@ -299,25 +299,25 @@ def naive_diffusion_tta_step(model, backend, x, optimizer, pairs: int = 180, mic
     optimizer step follows. (t, eps) are drawn as the project draws them (tta.generative.sampling.sample_pairs:
     all t of the step, then all eps), so both paths see the same pairs. Returns the step's mean loss."""
     from tta.generative.sampling import sample_pairs
-    device = backend.alphas_cumprod.device
+    device = judge.alphas_cumprod.device
     x = x.to(device)
     if optimizer is not None:
         optimizer.zero_grad()
-    shape_probe = backend.encode(x)  # only for the draws' shape, as the project draws from its x0
+    shape_probe = judge.encode(x)  # only for the draws' shape, as the project draws from its x0
     b = shape_probe.shape[0]
-    t_all, eps_all = sample_pairs(shape_probe, pairs, backend.num_train_timesteps, "uniform", "independent",
+    t_all, eps_all = sample_pairs(shape_probe, pairs, judge.num_train_timesteps, "uniform", "independent",
                                   generator)
     total = 0.0
     for start in range(0, pairs, micro_batch):
         m = min(micro_batch, pairs - start)
-        x0 = backend.encode(x)                                    # re-encoded every micro-batch
+        x0 = judge.encode(x)                                    # re-encoded every micro-batch
         logits = model(x)                                         # classifier re-run every micro-batch
-        cond = backend.condition(logits.softmax(1))
+        cond = judge.condition(logits.softmax(1))
         t = t_all[:, start:start + m].reshape(-1)
         eps = eps_all[:, start:start + m].reshape(b * m, *x0.shape[1:]).float()
-        a = backend.alphas_cumprod[t].float().view(-1, *([1] * (x0.dim() - 1)))
+        a = judge.alphas_cumprod[t].float().view(-1, *([1] * (x0.dim() - 1)))
         x_t = a.sqrt() * x0.float().repeat_interleave(m, 0) + (1 - a).sqrt() * eps
-        pred = backend.predict_noise(x_t, t, cond.repeat_interleave(m, 0)).float()
+        pred = judge.predict_noise(x_t, t, cond.repeat_interleave(m, 0)).float()
         diff = pred - eps
         err = (diff.pow(2) if loss == "l2" else diff.abs()).reshape(b * m, -1).mean(1)
         (err.sum() / (b * pairs)).backward()
@@ -327,7 +327,7 @@ def naive_diffusion_tta_step(model, backend, x, optimizer, pairs: int = 180, mic
     return total / (b * pairs)
 
 
-def naive_diffusion_tta(model, backend, x, steps=5, pairs=180, micro_batch=15, lr=5e-3, momentum=0.9,
+def naive_diffusion_tta(model, judge, x, steps=5, pairs=180, micro_batch=15, lr=5e-3, momentum=0.9,
                         generator=None, losses: Optional[list] = None) -> torch.Tensor:
     """Episodic Diffusion-TTA on x, naively: a fresh copy of the source weights and a fresh SGD per call."""
     model = copy.deepcopy(model)
@@ -335,7 +335,7 @@ def naive_diffusion_tta(model, backend, x, steps=5, pairs=180, micro_batch=15, l
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     with torch.enable_grad():
         for _ in range(steps):
-            loss = naive_diffusion_tta_step(model, backend, x, optimizer, pairs, micro_batch, generator)
+            loss = naive_diffusion_tta_step(model, judge, x, optimizer, pairs, micro_batch, generator)
             if losses is not None:
                 losses.append(loss)
     with torch.no_grad():

@@ -187,9 +187,9 @@ def test_a_corrupt_safetensors_file_is_named(tmp_path, capsys):
     assert str(bad) in err and "is the file complete?" in err
 
 
-def run_judge(backend):
+def run_judge(judge):
     return main(["run", "--model", "zoo:fmnist-cnn", "--method", "diffusion_classifier", "--set",
-                 f"backend={backend}", "--data", "foolbox:fashionMNIST", "--limit", "2", "--device", "cpu"])
+                 f"judge={judge}", "--data", "foolbox:fashionMNIST", "--limit", "2", "--device", "cpu"])
 
 
 def test_an_empty_or_truncated_judge_folder_is_one_line(tmp_path, capsys):
@@ -205,11 +205,11 @@ def test_an_empty_or_truncated_judge_folder_is_one_line(tmp_path, capsys):
     assert str(weights) in error_of(capsys, "run")
 
 
-def test_an_unknown_backend_kind_lists_the_kinds_without_asking_the_hub():
-    from tta.generative import create_backend
+def test_an_unknown_judge_kind_lists_the_kinds_without_asking_the_hub():
+    from tta.generative import create_judge
     # A hub id never holds ':', so this is refused before any network access (which, offline, was an OSError).
-    with pytest.raises(ValueError, match=r"unknown diffusion backend kind 'nope'.*dit, map-unet, pixel-unet, sd"):
-        create_backend("nope:xyz")
+    with pytest.raises(ValueError, match=r"unknown diffusion judge kind 'nope'.*dit, map-unet, pixel-unet, sd"):
+        create_judge("nope:xyz")
 
 
 # ---- the corruption cache --------------------------------------------------------------------------------------

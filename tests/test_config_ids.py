@@ -12,7 +12,8 @@ from tta.bench.results import ADDED_FIELDS, config_id
 from tta.bench.runner import Runner, plan_jobs
 from tta.bench.spec import load_spec
 
-# Every config field as ids were frozen (method configs, and the data descriptor of each data kind).
+# Every config field as ids were frozen (method configs, and the data descriptor of each data kind), under its current
+# name: a field renamed since is hashed under its old name (tta.bench.results.RENAMED_FIELDS), so its ids stay.
 FROZEN = json.loads((Path(__file__).parent / "config_fields_frozen.json").read_text())
 
 

@@ -144,25 +144,25 @@ def test_the_model_of_the_diffusion_source_calibrates(folders):
 
 def test_method_ignores_the_model_and_has_nothing_to_train(folders):
     images = torch.rand(2, 3, 16, 16)
-    adapter = tta.create_adapter("diffusion_classifier", tiny_model(), backend=folders["pixel-unet"],
+    adapter = tta.create_adapter("diffusion_classifier", tiny_model(), judge=folders["pixel-unet"],
                                  samples=(6,), seed=0, micro_batch=10)
     assert adapter.adapted_names == [] and adapter.optimizer is None
     assert not any(k.startswith("classifier.") for k in adapter.source_state_dict), "the judge is not copied"
-    reference = DiffusionClassifier(tta.generative.create_backend(folders["pixel-unet"]), samples=(6,), seed=0)
+    reference = DiffusionClassifier(tta.generative.create_judge(folders["pixel-unet"]), samples=(6,), seed=0)
     assert torch.allclose(adapter(images), reference(images), atol=1e-5)
-    assert adapter.cfg.backend == folders["pixel-unet"]
+    assert adapter.cfg.judge == folders["pixel-unet"]
 
 
 def test_method_needs_a_matching_judge(folders):
-    with pytest.raises(ValueError, match="backend="):
+    with pytest.raises(ValueError, match="judge="):
         tta.create_adapter("diffusion_classifier", tiny_model())
     with pytest.raises(ValueError, match="knows 5"):
-        tta.create_adapter("diffusion_classifier", tiny_model(num_classes=3), backend=folders["pixel-unet"])
+        tta.create_adapter("diffusion_classifier", tiny_model(num_classes=3), judge=folders["pixel-unet"])
 
 
-def test_config_round_trips_with_the_backend_as_a_string(folders):
+def test_config_round_trips_with_the_judge_as_a_string(folders):
     import dataclasses
-    adapter = tta.create_adapter("diffusion_classifier", tiny_model(), backend=folders["pixel-unet"], preset="pets")
+    adapter = tta.create_adapter("diffusion_classifier", tiny_model(), judge=folders["pixel-unet"], preset="pets")
     values = dataclasses.asdict(adapter.cfg)
     assert type(adapter.cfg)(**values) == adapter.cfg
     assert tta.create_adapter("diffusion_classifier", tiny_model(), **values).cfg == adapter.cfg

@@ -46,21 +46,21 @@ def expected_params(adapt, model):
 
 
 @pytest.mark.parametrize("adapt", ["all_but_last", "all", "norm", "last"])
-@pytest.mark.parametrize("adapt_backend", [False, True])
-def test_gradients_reach_exactly_what_adapts(pixel_judge, images, adapt, adapt_backend):
+@pytest.mark.parametrize("adapt_judge", [False, True])
+def test_gradients_reach_exactly_what_adapts(pixel_judge, images, adapt, adapt_judge):
     model = tiny_model()
-    adapter = tta.create_adapter("diffusion_tta", model, backend=pixel_judge, adapt=adapt,
-                                 adapt_backend=adapt_backend, **FAST)
+    adapter = tta.create_adapter("diffusion_tta", model, judge=pixel_judge, adapt=adapt,
+                                 adapt_judge=adapt_judge, **FAST)
     expected = expected_params(adapt, model)
-    assert {n for n in adapter.adapted_names if not n.startswith("backend.")} == expected
+    assert {n for n in adapter.adapted_names if not n.startswith("judge.")} == expected
     adapter.compute_gradients(images)
     assert grads(model) == expected
-    backend_grads = grads(adapter.backend)
-    if adapt_backend:
-        assert backend_grads == {f"unet.{n}" for n, _ in adapter.backend.unet.named_parameters()}
-        assert {f"backend.{n}" for n in backend_grads} == {n for n in adapter.adapted_names if n.startswith("backend.")}
+    judge_grads = grads(adapter.judge)
+    if adapt_judge:
+        assert judge_grads == {f"unet.{n}" for n, _ in adapter.judge.unet.named_parameters()}
+        assert {f"judge.{n}" for n in judge_grads} == {n for n in adapter.adapted_names if n.startswith("judge.")}
     else:
-        assert not backend_grads and all(p.grad is None for p in adapter.backend.parameters())
+        assert not judge_grads and all(p.grad is None for p in adapter.judge.parameters())
 
 
 def test_one_step_equals_the_papers_loss(pixel_judge, images):
@@ -70,11 +70,11 @@ def test_one_step_equals_the_papers_loss(pixel_judge, images):
     source = copy.deepcopy(model).eval()  # Diffusion-TTA keeps batch-norm on its running statistics
     lr, pairs, seed = 0.5, 6, 7
     # The reference below updates every classifier weight and keeps the judge fixed: say so, not the defaults.
-    adapter = tta.create_adapter("diffusion_tta", model, backend=pixel_judge, steps=1, pairs=pairs, micro_batch=4,
-                                 lr=lr, seed=seed, episodic=False, adapt="all", adapt_backend=False)
+    adapter = tta.create_adapter("diffusion_tta", model, judge=pixel_judge, steps=1, pairs=pairs, micro_batch=4,
+                                 lr=lr, seed=seed, episodic=False, adapt="all", adapt_judge=False)
     adapter(images)
 
-    unet = copy.deepcopy(adapter.backend.unet)
+    unet = copy.deepcopy(adapter.judge.unet)
     table = unet.class_embedding.weight.detach()
     unet.class_embedding = nn.Identity()  # the UNet then adds the given embedding to its time embedding
     alphas = diffusers.DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
@@ -98,32 +98,32 @@ def test_one_step_equals_the_papers_loss(pixel_judge, images):
     assert any(not torch.equal(p, q) for p, q in zip(source.parameters(), model.parameters()))
 
 
-def test_backend_from_a_folder_string_config_or_object(pixel_judge, images):
+def test_judge_from_a_folder_string_config_or_object(pixel_judge, images):
     model = tiny_model()
-    by_path = tta.create_adapter("diffusion_tta", model, backend=pixel_judge, **FAST)
-    assert by_path.cfg.backend == pixel_judge  # recorded in result rows, as `tta run --set backend=...` sets it
-    by_config = tta.create_adapter("diffusion_tta", tiny_model(), {"backend": f"pixel-unet:{pixel_judge}"}, **FAST)
-    assert by_config.backend.kind == "pixel-unet"
-    obj = tta.generative.create_backend(pixel_judge)
-    by_object = tta.create_adapter("diffusion_tta", tiny_model(), backend=obj, **FAST)
-    assert by_object.backend is obj and by_object.cfg.backend == f"pixel-unet:{pixel_judge}"
+    by_path = tta.create_adapter("diffusion_tta", model, judge=pixel_judge, **FAST)
+    assert by_path.cfg.judge == pixel_judge  # recorded in result rows, as `tta run --set judge=...` sets it
+    by_config = tta.create_adapter("diffusion_tta", tiny_model(), {"judge": f"pixel-unet:{pixel_judge}"}, **FAST)
+    assert by_config.judge.kind == "pixel-unet"
+    obj = tta.generative.create_judge(pixel_judge)
+    by_object = tta.create_adapter("diffusion_tta", tiny_model(), judge=obj, **FAST)
+    assert by_object.judge is obj and by_object.cfg.judge == f"pixel-unet:{pixel_judge}"
     assert by_path(images).shape == (2, 5)
 
 
 def test_clear_errors(pixel_judge, tmp_path):
-    with pytest.raises(ValueError, match="backend="):
+    with pytest.raises(ValueError, match="judge="):
         tta.create_adapter("diffusion_tta", tiny_model())
     with pytest.raises(ValueError, match="knows 3"):
         tta.create_adapter("diffusion_tta", tiny_model(),
-                           backend=save_pixel_judge(tmp_path / "three", num_classes=3, size=16))
+                           judge=save_pixel_judge(tmp_path / "three", num_classes=3, size=16))
     with pytest.raises(ValueError, match="map-conditioned"):
-        tta.create_adapter("diffusion_tta", tiny_model(), backend=save_map_judge(tmp_path / "map", map_channels=5))
+        tta.create_adapter("diffusion_tta", tiny_model(), judge=save_map_judge(tmp_path / "map", map_channels=5))
     with pytest.raises(ValueError, match="map-unet"):
-        tta.create_adapter("diffusion_tta", tiny_model(dense=True), backend=pixel_judge)
+        tta.create_adapter("diffusion_tta", tiny_model(dense=True), judge=pixel_judge)
     with pytest.raises(ValueError, match="has none"):
-        tta.create_adapter("diffusion_tta", tiny_model(), backend=pixel_judge, adapt="lora")
+        tta.create_adapter("diffusion_tta", tiny_model(), judge=pixel_judge, adapt="lora")
     with pytest.raises(ValueError, match="Valid choices"):
-        tta.create_adapter("diffusion_tta", tiny_model(), backend=pixel_judge, adapt="bias")
+        tta.create_adapter("diffusion_tta", tiny_model(), judge=pixel_judge, adapt="bias")
 
 
 def test_segmentation_with_a_map_judge(tmp_path):
@@ -132,7 +132,7 @@ def test_segmentation_with_a_map_judge(tmp_path):
     model = tta.create_model("smp:Unet/resnet18", pretrained=False, num_classes=3, input_size=(3, 32, 32),
                              encoder_depth=3, decoder_channels=(16, 8, 4))
     judge = save_map_judge(tmp_path / "seg", map_channels=3, size=16)
-    adapter = tta.create_adapter("diffusion_tta", model, backend=judge, adapt="norm", episodic=False, lr=0.5, **FAST)
+    adapter = tta.create_adapter("diffusion_tta", model, judge=judge, adapt="norm", episodic=False, lr=0.5, **FAST)
     before = copy.deepcopy(model.state_dict())
     out = adapter(torch.rand(1, 3, 32, 32))
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
@@ -153,7 +153,7 @@ def test_depth_with_a_map_judge(tmp_path):
     model = tta.wrap_model(TinyDepth(), input_size=(3, 24, 24), task="depth")
     judge = save_map_judge(tmp_path / "depth", map_channels=1, size=16, map_kind="depth", map_range=[0.0, 5.0])
     # adapt="all": the check below is that every layer's weights move, the last one included
-    adapter = tta.create_adapter("diffusion_tta", model, backend=judge, episodic=False, lr=0.5, adapt="all", **FAST)
+    adapter = tta.create_adapter("diffusion_tta", model, judge=judge, episodic=False, lr=0.5, adapt="all", **FAST)
     before = copy.deepcopy(model.state_dict())
     out = adapter(torch.rand(2, 3, 24, 24))
     assert out.shape == (2, 1, 24, 24)
@@ -184,8 +184,8 @@ def sd_judge(tmp_path_factory):
 
 def test_clip_zero_shot_with_a_text_conditioned_judge(tiny_clip, sd_judge):
     model = tiny_clip()
-    adapter = tta.create_adapter("diffusion_tta", model, backend=sd_judge, episodic=False, lr=0.5, **FAST)
-    assert adapter.backend.class_names == ["cat", "dog", "car"]  # the judge's prompts use the CLIP classes
+    adapter = tta.create_adapter("diffusion_tta", model, judge=sd_judge, episodic=False, lr=0.5, **FAST)
+    assert adapter.judge.class_names == ["cat", "dog", "car"]  # the judge's prompts use the CLIP classes
     before = copy.deepcopy(model.state_dict())
     out = adapter(torch.rand(2, 3, 32, 32))
     assert out.shape == (2, 3) and torch.isfinite(out).all()
@@ -194,13 +194,13 @@ def test_clip_zero_shot_with_a_text_conditioned_judge(tiny_clip, sd_judge):
 
 def test_clip_lora_adapts_only_the_low_rank_updates(tiny_clip, sd_judge):
     model = tiny_clip()
-    adapter = tta.create_adapter("diffusion_tta", model, backend=sd_judge, adapt="lora", lora_rank=2,
+    adapter = tta.create_adapter("diffusion_tta", model, judge=sd_judge, adapt="lora", lora_rank=2,
                                  preset="official-sd", **FAST)  # the CLIP setting: the judge stays fixed
     assert adapter.adapted_names and all(n.startswith("lora.") for n in adapter.adapted_names)
     for b in adapter.lora.updates[0].B:
         b.data.normal_()  # B starts at zero, where A gets no gradient
     adapter.compute_gradients(torch.rand(2, 3, 32, 32))
-    assert grads(model) == set() and grads(adapter.backend) == set()
+    assert grads(model) == set() and grads(adapter.judge) == set()
     assert grads(adapter.lora) == {n for n, _ in adapter.lora.named_parameters()}
     assert adapter.lora.names == ["net.visual.transformer.resblocks.0.attn.in_proj_weight"]
 
@@ -214,7 +214,7 @@ def test_clip_lora_per_example_equals_separate_runs_of_one_image(tiny_clip, sd_j
                "preset": "official-sd"}
 
     def adapter(**extra):
-        a = tta.create_adapter("diffusion_tta", tiny_clip(), backend=sd_judge, **options, **extra)
+        a = tta.create_adapter("diffusion_tta", tiny_clip(), judge=sd_judge, **options, **extra)
         torch.manual_seed(1)
         for b in a.lora.updates[0].B:
             b.data.normal_()  # B starts at zero, where A gets no gradient and the first step changes nothing
@@ -234,21 +234,21 @@ def test_clip_lora_per_example_equals_separate_runs_of_one_image(tiny_clip, sd_j
 
 def test_clip_last_layer_is_the_image_projection(tiny_clip, sd_judge):
     model = tiny_clip()
-    adapter = tta.create_adapter("diffusion_tta", model, backend=sd_judge, adapt="last", preset="official-sd", **FAST)
+    adapter = tta.create_adapter("diffusion_tta", model, judge=sd_judge, adapt="last", preset="official-sd", **FAST)
     assert adapter.adapted_names == ["net.visual.proj"]
 
 
 def test_paper_settings_run_on_the_tiny_judge(pixel_judge, images):
-    adapter = tta.create_adapter("diffusion_tta", tiny_model(), backend=pixel_judge)
+    adapter = tta.create_adapter("diffusion_tta", tiny_model(), judge=pixel_judge)
     assert (adapter.cfg.steps, adapter.cfg.pairs, adapter.cfg.micro_batch, adapter.cfg.lr) == (5, 180, 15, 5e-3)
     with torch.no_grad():
         out = adapter(images[:1])
     assert out.shape == (1, 5) and adapter.last_loss is not None
 
 
-def test_config_round_trips_with_the_backend_as_a_string(pixel_judge):
+def test_config_round_trips_with_the_judge_as_a_string(pixel_judge):
     import dataclasses
-    adapter = tta.create_adapter("diffusion_tta", tiny_model(), backend=pixel_judge, **FAST)
+    adapter = tta.create_adapter("diffusion_tta", tiny_model(), judge=pixel_judge, **FAST)
     values = dataclasses.asdict(adapter.cfg)
     assert type(adapter.cfg)(**values) == adapter.cfg
     assert tta.create_adapter("diffusion_tta", tiny_model(), **values).cfg == adapter.cfg

@@ -7,7 +7,7 @@ from torch import nn
 
 import tta
 from tta.generative import memory
-from tta.generative.loading import create_backend
+from tta.generative.loading import create_judge
 from tta.generative.base import autocast_for, check_autocast, cpu_has_native_bf16
 
 from fixtures import save_pixel_judge
@@ -21,8 +21,8 @@ STEP = {"seed": 0, "pairs": 12, "micro_batch": 5, "adapt": "all", "preset": "cla
 
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory):
-    return create_backend(save_pixel_judge(tmp_path_factory.mktemp("judge") / "judge", num_classes=5, size=16,
-                                           channels=3))
+    return create_judge(save_pixel_judge(tmp_path_factory.mktemp("judge") / "judge", num_classes=5, size=16,
+                                         channels=3))
 
 
 def tiny_classifier():
@@ -34,7 +34,7 @@ def tiny_classifier():
 def step_gradients(judge, **options):
     """(loss, {name: gradient}, adapter) of one Diffusion-TTA step on fixed images and (t, eps) draws."""
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, **{**STEP, **options})
+    adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), judge=judge, **{**STEP, **options})
     adapter.compute_gradients(x)
     return adapter.last_loss, {n: p.grad.clone() for n, p in adapter.model.named_parameters()}, adapter
 
@@ -59,11 +59,11 @@ def test_micro_batch_shrinks_with_free_memory(judge, monkeypatch):
     assert adapter.micro_batch_used == STEP["pairs"]  # a tiny judge: every pair fits in this machine's memory
     x = torch.rand(2, 3, 16, 16)
     monkeypatch.setattr(memory, "free_memory_bytes", lambda device: None)
-    adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, **{**STEP, "micro_batch": 0})
+    adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), judge=judge, **{**STEP, "micro_batch": 0})
     adapter.compute_gradients(x)
     assert adapter.micro_batch_used == 12  # unreadable free memory: the paper's 15, capped at the pairs
     monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 0)
-    adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, **{**STEP, "micro_batch": 0})
+    adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), judge=judge, **{**STEP, "micro_batch": 0})
     with pytest.warns(RuntimeWarning, match="B free; expect running out of memory. Use fewer images per batch"):
         adapter.compute_gradients(x)  # no room even for one pair: it still tries, with 1, and says why it may fail
     assert adapter.micro_batch_used == 1
@@ -84,13 +84,13 @@ def test_micro_batch_shrinks_with_free_memory(judge, monkeypatch):
     budget = free * memory.FREE_MEMORY_SHARE
     monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 100 * free)
     assert memory.micro_batch_from_memory(run, 12, torch.device("cpu"), budget_bytes=budget) == 3
-    adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge,
+    adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), judge=judge,
                                  **{**STEP, "micro_batch": 0, "memory_gb": 1e-9})
     with pytest.warns(RuntimeWarning, match=r"allowed \(memory_gb\)"):
         adapter.compute_gradients(x)
     assert adapter.micro_batch_used == 1
     with pytest.raises(ValueError, match=r"memory_gb must be a number in \(0, "):
-        tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, memory_gb=0.0)
+        tta.create_adapter("diffusion_tta", tiny_classifier(), judge=judge, memory_gb=0.0)
 
 
 def test_saved_tensor_bytes_counts_what_autograd_keeps():
@@ -115,13 +115,13 @@ def test_gradient_checkpointing_and_channels_last_give_the_same_step(judge):
 
 
 def test_checkpointing_an_adapted_judge_gives_it_the_same_gradients(tmp_path):
-    """Checkpointing when the judge adapts too (adapt_backend): the judge's own weights get the gradients they get
+    """Checkpointing when the judge adapts too (adapt_judge): the judge's own weights get the gradients they get
     without it, as does the classifier."""
-    judge = create_backend(save_pixel_judge(tmp_path / "judge", num_classes=5, size=16, channels=3))
+    judge = create_judge(save_pixel_judge(tmp_path / "judge", num_classes=5, size=16, channels=3))
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     steps = []
     for checkpointing in (False, True):
-        adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, adapt_backend=True,
+        adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), judge=judge, adapt_judge=True,
                                      checkpointing=checkpointing, **STEP)
         adapter.compute_gradients(x)
         steps.append((adapter.last_loss, {n: p.grad.clone() for n, p in adapter.adapted_params}, adapter))
@@ -136,7 +136,7 @@ def test_checkpointing_an_adapted_judge_gives_it_the_same_gradients(tmp_path):
 def test_checkpointing_needs_a_denoiser_that_supports_it(judge, monkeypatch):
     monkeypatch.setattr(type(judge.unet), "_supports_gradient_checkpointing", False)
     with pytest.raises(ValueError, match="does not support gradient checkpointing"):
-        tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, checkpointing=True)
+        tta.create_adapter("diffusion_tta", tiny_classifier(), judge=judge, checkpointing=True)
 
 
 def test_autocast_modes():
@@ -145,7 +145,7 @@ def test_autocast_modes():
         check_autocast("fp16")
     with pytest.raises(ValueError, match=r"unknown autocast 'half'\. Valid choices: auto, bf16, off "
                                          r"\(or true or false\);.*'bf16' also on CPUs with native bf16"):
-        tta.create_adapter("diffusion_tta", tiny_classifier(), backend=None, autocast="half")
+        tta.create_adapter("diffusion_tta", tiny_classifier(), judge=None, autocast="half")
     cpu = torch.device("cpu")
     for mode in ("auto", "off", True, False):  # float32 on the CPU unless bf16 is asked for
         with autocast_for(cpu, mode):
@@ -173,22 +173,22 @@ def test_per_example_batch_equals_separate_runs_of_one_image(judge, fixed_draws)
     options = {"steps": steps, "pairs": pairs, "micro_batch": 4, "lr": 0.5, "preset": "classifier-only"}
     model = tiny_classifier()
     source = {k: v.clone() for k, v in model.state_dict().items()}
-    together = tta.create_adapter("diffusion_tta", model, backend=judge, per_example=True, **options)(x)
+    together = tta.create_adapter("diffusion_tta", model, judge=judge, per_example=True, **options)(x)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in source.items())  # the model never changed
     alone = []
     for i in range(3):
         state.update(step=0, rows=slice(i, i + 1))
-        alone.append(tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, **options)(x[i:i + 1]))
+        alone.append(tta.create_adapter("diffusion_tta", tiny_classifier(), judge=judge, **options)(x[i:i + 1]))
     with torch.no_grad():
         unadapted = model(x)
     assert torch.allclose(together, torch.cat(alone), atol=1e-5)
     assert not torch.allclose(together, unadapted, atol=1e-3)
     with pytest.raises(ValueError, match="per_example"):
-        tta.create_adapter("diffusion_tta", tiny_classifier(), backend=judge, per_example=True, episodic=False)
+        tta.create_adapter("diffusion_tta", tiny_classifier(), judge=judge, per_example=True, episodic=False)
     # A wrapped model (input checks, normalisation) runs per example too, and gives what its network gives.
     wrapped = tta.wrap_model(tiny_classifier(), (0.0,) * 3, (1.0,) * 3, input_size=(3, 16, 16))
     state.update(step=0, rows=slice(0, 3))
-    out = tta.create_adapter("diffusion_tta", wrapped, backend=judge, per_example=True, **options)(x)
+    out = tta.create_adapter("diffusion_tta", wrapped, judge=judge, per_example=True, **options)(x)
     assert torch.allclose(out, together, atol=1e-5)
 
 
@@ -216,12 +216,12 @@ def test_per_example_guards_every_image_as_its_own_run_would(judge, fixed_draws,
     # adapt="all": c is held by a module with children, which the default all_but_last leaves fixed
     options = {"steps": 2, "pairs": 6, "micro_batch": 4, "lr": 0.5 if case == "nonfinite_gradient" else 1e9,
                "adapt": "all", "preset": "classifier-only"}
-    together = tta.create_adapter("diffusion_tta", GatedClassifier(), backend=judge, per_example=True, **options)
+    together = tta.create_adapter("diffusion_tta", GatedClassifier(), judge=judge, per_example=True, **options)
     out = together(x)
     alone, events = [], {}
     for i in range(3):
         state.update(step=0, rows=slice(i, i + 1))
-        single = tta.create_adapter("diffusion_tta", GatedClassifier(), backend=judge, **options)
+        single = tta.create_adapter("diffusion_tta", GatedClassifier(), judge=judge, **options)
         alone.append(single(x[i:i + 1]))
         for k, v in single.guard_events.items():
             events[k] = events.get(k, 0) + v
@@ -238,7 +238,7 @@ def test_per_example_guards_every_image_as_its_own_run_would(judge, fixed_draws,
         # the bright images blew up (one to NaN) and were reset: every image reads the source prediction
         assert events.get("exploded", 0) + events.get("diverged", 0) == 2 and torch.allclose(out, source)
     state.update(step=0, rows=slice(0, 3))
-    unguarded = tta.create_adapter("diffusion_tta", GatedClassifier(), backend=judge, per_example=True, guard=False,
+    unguarded = tta.create_adapter("diffusion_tta", GatedClassifier(), judge=judge, per_example=True, guard=False,
                                    **options)(x)
     assert not torch.isfinite(unguarded[0]).all()
 
@@ -247,11 +247,11 @@ def test_checkpointing_a_dit_judge_keeps_the_soft_labels(tmp_path):
     """DiT's label tables sit inside its checkpointed blocks: the blocks' re-run during backward must embed the
     same soft labels (the bug: hooks that had already been removed, so the re-run saw other tensors and failed)."""
     from fixtures import save_dit_judge
-    dit = create_backend(save_dit_judge(tmp_path / "dit", num_classes=5))
+    dit = create_judge(save_dit_judge(tmp_path / "dit", num_classes=5))
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     steps = []
     for checkpointing in (False, True):
-        adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), backend=dit, checkpointing=checkpointing,
+        adapter = tta.create_adapter("diffusion_tta", tiny_classifier(), judge=dit, checkpointing=checkpointing,
                                      **STEP)
         adapter.compute_gradients(x)
         steps.append((adapter.last_loss, {n: p.grad.clone() for n, p in adapter.model.named_parameters()}, adapter))

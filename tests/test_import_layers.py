@@ -187,7 +187,7 @@ def test_the_graph_sees_imports():
 def test_zoo_judges_resolve_with_only_the_generative_package_imported():
     """The zoo registers its `zoo:` judges into tta.generative, which never imports the zoo itself: importing
     tta.generative runs tta/__init__.py, which imports the zoo (and not the harness)."""
-    code = ("import sys, tta.generative as g; b = g.create_backend('zoo:fmnist-judge'); "
+    code = ("import sys, tta.generative as g; b = g.create_judge('zoo:fmnist-judge'); "
             "print(b.source, 'tta.bench' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr

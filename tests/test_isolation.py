@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tta
-from tta.generative import create_backend
+from tta.generative import create_judge
 
 from fixtures import FAST, make_adapter, methods, model_and_config, tiny_judge_folder, tiny_model
 
@@ -39,9 +39,9 @@ def test_every_adapter_resets_exactly_and_isolates_episodes(name):
     source = copy.deepcopy(model.state_dict())
     adapter = tta.create_adapter(name, model, **config)
     adapted = set(adapter.adapted_names)
-    # Diffusion-TTA's default (the official DiT setting) also adapts its judge, named "backend.<name>".
-    judge = getattr(adapter, "backend", None)
-    judge_adapted = {f"backend.{n}" for n, p in judge.named_parameters() if p.requires_grad} if judge else set()
+    # Diffusion-TTA's default (the official DiT setting) also adapts its judge, named "judge.<name>".
+    judge = getattr(adapter, "judge", None)
+    judge_adapted = {f"judge.{n}" for n, p in judge.named_parameters() if p.requires_grad} if judge else set()
     assert judge_adapted <= adapted
     adapted -= judge_adapted
     assert {n for n, p in model.named_parameters() if p.requires_grad} == adapted
@@ -101,13 +101,13 @@ def test_episodic_mode_leaves_the_model_unchanged(name, images):
 
 
 # ---- Diffusion-TTA's judge -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("adapt_backend", [False, True])
-def test_episodic_diffusion_tta_leaves_classifier_and_judge_bit_identical(images, adapt_backend):
+@pytest.mark.parametrize("adapt_judge", [False, True])
+def test_episodic_diffusion_tta_leaves_classifier_and_judge_bit_identical(images, adapt_judge):
     model, images = tiny_model(), images[:2]
-    adapter = tta.create_adapter("diffusion_tta", model, backend=tiny_judge_folder(), adapt_backend=adapt_backend,
+    adapter = tta.create_adapter("diffusion_tta", model, judge=tiny_judge_folder(), adapt_judge=adapt_judge,
                                  steps=2, pairs=4, micro_batch=2, lr=0.5)
     model_state = copy.deepcopy(model.state_dict())
-    judge_state = copy.deepcopy(adapter.backend.state_dict())
+    judge_state = copy.deepcopy(adapter.judge.state_dict())
     with torch.no_grad():
         source_out = model(images)
     out = adapter(images)
@@ -115,35 +115,35 @@ def test_episodic_diffusion_tta_leaves_classifier_and_judge_bit_identical(images
     assert not torch.allclose(out, source_out), "the prediction comes from the adapted model"
     for k, v in model.state_dict().items():
         assert torch.equal(v, model_state[k]), k
-    for k, v in adapter.backend.state_dict().items():
+    for k, v in adapter.judge.state_dict().items():
         assert torch.equal(v, judge_state[k]), k
     assert not adapter.optimizer.state
 
 
 def test_online_diffusion_tta_keeps_adapting_and_reset_restores_classifier_and_judge(images):
     model, images = tiny_model(), images[:2]
-    adapter = tta.create_adapter("diffusion_tta", model, backend=tiny_judge_folder(), episodic=False,
-                                 adapt_backend=True, steps=1, pairs=4, micro_batch=4, lr=0.5)
+    adapter = tta.create_adapter("diffusion_tta", model, judge=tiny_judge_folder(), episodic=False,
+                                 adapt_judge=True, steps=1, pairs=4, micro_batch=4, lr=0.5)
     model_state = copy.deepcopy(model.state_dict())
-    judge_state = copy.deepcopy(adapter.backend.state_dict())
+    judge_state = copy.deepcopy(adapter.judge.state_dict())
     adapter(images)
     assert any(not torch.equal(v, model_state[k]) for k, v in model.state_dict().items())
-    assert any(not torch.equal(v, judge_state[k]) for k, v in adapter.backend.state_dict().items())
+    assert any(not torch.equal(v, judge_state[k]) for k, v in adapter.judge.state_dict().items())
     adapter.reset()
     assert all(torch.equal(v, model_state[k]) for k, v in model.state_dict().items())
-    assert all(torch.equal(v, judge_state[k]) for k, v in adapter.backend.state_dict().items())
+    assert all(torch.equal(v, judge_state[k]) for k, v in adapter.judge.state_dict().items())
 
 
 def test_episodic_diffusion_tta_leaves_an_adapted_judge_bit_identical():
     folder = tiny_judge_folder()
-    on_disk = state(create_backend(folder))
-    model, config, batch = model_and_config("diffusion_tta", episodic=True, adapt_backend=True, lr=1e-2)
+    on_disk = state(create_judge(folder))
+    model, config, batch = model_and_config("diffusion_tta", episodic=True, adapt_judge=True, lr=1e-2)
     source = state(model)
     adapter = tta.create_adapter("diffusion_tta", model, **config)
-    assert any(n.startswith("backend.") for n in adapter.adapted_names), "the judge does not adapt"
-    assert_bit_identical(on_disk, state(adapter.backend), "judge (construction)")
-    judge = adapter.backend
-    params = [p for n, p in adapter.adapted_params if n.startswith("backend.")]
+    assert any(n.startswith("judge.") for n in adapter.adapted_names), "the judge does not adapt"
+    assert_bit_identical(on_disk, state(adapter.judge), "judge (construction)")
+    judge = adapter.judge
+    params = [p for n, p in adapter.adapted_params if n.startswith("judge.")]
     original = [p.detach().clone() for p in params]
     # Prove the judge really moves within a call: a step without the episodic reset changes it.
     adapter.cfg.episodic = False
@@ -153,8 +153,8 @@ def test_episodic_diffusion_tta_leaves_an_adapted_judge_bit_identical():
     adapter.cfg.episodic = True
     for x in (batch, torch.rand_like(batch)):
         adapter(x)
-    assert adapter.backend is judge
-    assert_bit_identical(on_disk, state(adapter.backend), "judge")
+    assert adapter.judge is judge
+    assert_bit_identical(on_disk, state(adapter.judge), "judge")
     assert_bit_identical(source, state(adapter.model), "classifier")
 
 
@@ -197,10 +197,10 @@ def test_online_adaptation_never_touches_the_weights_file(tmp_path, suffix):
 def test_online_judge_adaptation_never_touches_the_judge_folder():
     folder = Path(tiny_judge_folder())
     before = fingerprint(folder)
-    model, config, batch = model_and_config("diffusion_tta", episodic=False, adapt_backend=True, lr=1e-2)
+    model, config, batch = model_and_config("diffusion_tta", episodic=False, adapt_judge=True, lr=1e-2)
     adapter = tta.create_adapter("diffusion_tta", model, **config)
-    judge_before = state(adapter.backend)
+    judge_before = state(adapter.judge)
     online(adapter, batch, 2)
-    assert any(not torch.equal(judge_before[k], v) for k, v in state(adapter.backend).items())
+    assert any(not torch.equal(judge_before[k], v) for k, v in state(adapter.judge).items())
     assert fingerprint(folder) == before, "online judge adaptation wrote to the judge's files"
-    assert_bit_identical(judge_before, state(create_backend(str(folder))), "a fresh load of the judge")
+    assert_bit_identical(judge_before, state(create_judge(str(folder))), "a fresh load of the judge")

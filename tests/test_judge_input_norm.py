@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tta.generative import create_backend
+from tta.generative import create_judge
 from tta.generative.base import STANDARD_IMAGE_STD, normalise_judge_input
 from fixtures import save_pixel_judge
 
@@ -30,7 +30,7 @@ def _judge(tmp_path, input_norm=None):
     if input_norm is not None:
         with open(os.path.join(folder, "tta_backend.json"), "w") as f:
             json.dump({"kind": "pixel-unet", "input_norm": input_norm}, f)
-    return create_backend(folder, kind="pixel-unet")
+    return create_judge(folder, kind="pixel-unet")
 
 
 def test_judge_reads_its_input_norm_from_its_folder(tmp_path):

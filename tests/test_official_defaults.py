@@ -59,7 +59,7 @@ def test_all_but_last_gives_gradients_to_every_leaf_but_the_last(pixel_judge):
     """The official adapted set (build.py load_optimizer, freeze_class_embeds: True): the leaf modules' parameters
     but the last leaf's; a parameter held by a module with children gets none either."""
     model = TinyNet()
-    adapter = tta.create_adapter("diffusion_tta", model, backend=pixel_judge, adapt_backend=False, **FAST)
+    adapter = tta.create_adapter("diffusion_tta", model, judge=pixel_judge, adapt_judge=False, **FAST)
     assert adapter.cfg.adapt == "all_but_last"  # the default
     leaves = {"block.conv.weight", "block.conv.bias", "block.norm.weight", "block.norm.bias"}
     assert set(adapter.adapted_names) == leaves
@@ -86,7 +86,7 @@ def test_all_but_last_on_official_architectures():
 
 def test_adapt_all_still_adapts_every_weight(pixel_judge):
     model = TinyNet()
-    adapter = tta.create_adapter("diffusion_tta", model, backend=pixel_judge, adapt="all", adapt_backend=False, **FAST)
+    adapter = tta.create_adapter("diffusion_tta", model, judge=pixel_judge, adapt="all", adapt_judge=False, **FAST)
     adapter.compute_gradients(torch.rand(2, 3, 16, 16))
     assert with_gradient(model) == {n for n, _ in model.named_parameters()}
 
@@ -96,29 +96,29 @@ def test_default_is_the_official_dit_setting_and_adapts_the_judge(pixel_judge):
     cfg = DiffusionTTAConfig()
     assert (cfg.preset, cfg.optimizer, cfg.lr, cfg.momentum, cfg.steps, cfg.pairs, cfg.micro_batch) == \
         ("official-dit", "sgd", 5e-3, 0.9, 5, 180, 15)
-    assert cfg.adapt == "all_but_last" and cfg.adapt_backend is True and cfg.autocast == "off"
-    adapter = tta.create_adapter("diffusion_tta", TinyNet(), backend=pixel_judge, **FAST)
+    assert cfg.adapt == "all_but_last" and cfg.adapt_judge is True and cfg.autocast == "off"
+    adapter = tta.create_adapter("diffusion_tta", TinyNet(), judge=pixel_judge, **FAST)
     adapter.compute_gradients(torch.rand(1, 3, 16, 16))
-    judge = {f"backend.{n}" for n in with_gradient(adapter.backend)}
-    assert judge and judge == {n for n in adapter.adapted_names if n.startswith("backend.")}
+    judge = {f"judge.{n}" for n in with_gradient(adapter.judge)}
+    assert judge and judge == {n for n in adapter.adapted_names if n.startswith("judge.")}
     assert adapter.optimizer.param_groups[1]["lr"] == 5e-3  # the judge's group: the same lr, as one optimizer there
 
 
 def test_presets_fill_only_what_is_not_given():
     sd = DiffusionTTAConfig(preset="official-sd")
-    assert (sd.pairs, sd.micro_batch, sd.adapt_backend, sd.optimizer, sd.lr) == (192, 16, False, "sgd", 5e-3)
+    assert (sd.pairs, sd.micro_batch, sd.adapt_judge, sd.optimizer, sd.lr) == (192, 16, False, "sgd", 5e-3)
     adam = DiffusionTTAConfig(preset="official-dit-adam")
-    assert (adam.optimizer, adam.lr, adam.weight_decay, adam.adapt_backend) == ("adamw", 1e-5, 0.0, True)
+    assert (adam.optimizer, adam.lr, adam.weight_decay, adam.adapt_judge) == ("adamw", 1e-5, 0.0, True)
     only = DiffusionTTAConfig(preset="classifier-only")
-    assert only.adapt_backend is False and {k: getattr(only, k) for k in PRESETS["official-dit"] if k !=
-                                            "adapt_backend"} == {k: v for k, v in PRESETS["official-dit"].items()
-                                                                 if k != "adapt_backend"}
-    explicit = DiffusionTTAConfig(preset="official-sd", pairs=32, adapt_backend=True, lr=1e-3)
-    assert (explicit.pairs, explicit.adapt_backend, explicit.lr, explicit.micro_batch) == (32, True, 1e-3, 16)
+    assert only.adapt_judge is False and {k: getattr(only, k) for k in PRESETS["official-dit"] if k !=
+                                          "adapt_judge"} == {k: v for k, v in PRESETS["official-dit"].items()
+                                                             if k != "adapt_judge"}
+    explicit = DiffusionTTAConfig(preset="official-sd", pairs=32, adapt_judge=True, lr=1e-3)
+    assert (explicit.pairs, explicit.adapt_judge, explicit.lr, explicit.micro_batch) == (32, True, 1e-3, 16)
 
 
 def test_optimizer_of_the_adam_preset_is_adamw(pixel_judge):
-    adapter = tta.create_adapter("diffusion_tta", TinyNet(), backend=pixel_judge, preset="official-dit-adam", **FAST)
+    adapter = tta.create_adapter("diffusion_tta", TinyNet(), judge=pixel_judge, preset="official-dit-adam", **FAST)
     assert type(adapter.optimizer) is torch.optim.AdamW and adapter.optimizer.param_groups[0]["weight_decay"] == 0
 
 
@@ -126,10 +126,10 @@ def test_preset_errors_are_clear(pixel_judge):
     with pytest.raises(ValueError, match="official-dit, official-dit-adam, official-sd, classifier-only"):
         DiffusionTTAConfig(preset="paper")
     with pytest.raises(ValueError, match="classifier-only"):
-        tta.create_adapter("diffusion_tta", TinyNet(), backend=pixel_judge, per_example=True)
-    per_example = tta.create_adapter("diffusion_tta", TinyNet(), backend=pixel_judge, per_example=True,
+        tta.create_adapter("diffusion_tta", TinyNet(), judge=pixel_judge, per_example=True)
+    per_example = tta.create_adapter("diffusion_tta", TinyNet(), judge=pixel_judge, per_example=True,
                                      preset="classifier-only", **FAST)
-    assert per_example.cfg.adapt_backend is False
+    assert per_example.cfg.adapt_judge is False
 
 
 # ---- the Diffusion Classifier: each preset's official loss -------------------------------------------------------
@@ -159,12 +159,12 @@ def test_classifier_preset_loss_is_the_loss_that_scores():
 
 def test_classifier_adapter_records_the_presets_loss(pixel_judge):
     from fixtures import tiny_model
-    adapter = tta.create_adapter("diffusion_classifier", tiny_model(), backend=pixel_judge, preset="pets")
+    adapter = tta.create_adapter("diffusion_classifier", tiny_model(), judge=pixel_judge, preset="pets")
     assert adapter.cfg.loss == "l1" and adapter.classifier.loss == "l1"
-    explicit = tta.create_adapter("diffusion_classifier", tiny_model(), backend=pixel_judge, preset="pets", loss="l2")
+    explicit = tta.create_adapter("diffusion_classifier", tiny_model(), judge=pixel_judge, preset="pets", loss="l2")
     assert explicit.cfg.loss == "l2" and explicit.classifier.loss == "l2"
     with pytest.raises(ValueError, match="Valid choices"):
-        tta.create_adapter("diffusion_classifier", tiny_model(), backend=pixel_judge, loss="huber")
+        tta.create_adapter("diffusion_classifier", tiny_model(), judge=pixel_judge, loss="huber")
 
 
 # ---- TTT-MAE: the mask token adapts, as in the authors' finetune_mode 'encoder' ----------------------------------

@@ -93,7 +93,7 @@ def test_cached_and_local_files_are_not_probed(no_network, probes, tmp_path):
     hub.require_hf_repo("timm/test_resnet.r160_in1k", "test weights")
     # a judge in a local folder
     from fixtures import save_pixel_judge
-    tta.generative.create_backend(save_pixel_judge(tmp_path / "judge"))
+    tta.generative.create_judge(save_pixel_judge(tmp_path / "judge"))
     assert probes == []
     with pytest.raises(hub.HubUnreachable, match="no network"):  # and an uncached repository is probed
         hub.require_hf_repo("timm/resnet18.a1_in1k", "test weights")

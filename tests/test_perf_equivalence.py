@@ -30,14 +30,14 @@ def test_same_loss_and_gradients(judge, batch, pairs, micro_batch):
     model = tiny_classifier()
     source = copy.deepcopy(model)
     x = torch.rand(batch, 3, 20, 20, generator=torch.Generator().manual_seed(1))
-    adapter = tta.create_adapter("diffusion_tta", model, backend=judge, seed=0, pairs=pairs, micro_batch=micro_batch,
+    adapter = tta.create_adapter("diffusion_tta", model, judge=judge, seed=0, pairs=pairs, micro_batch=micro_batch,
                                  **NAIVE_SETTING)
     with torch.enable_grad():
         adapter.compute_gradients(x)
     project = {n: p.grad.clone() for n, p in adapter.model.named_parameters()}
 
     naive_model = copy.deepcopy(source).requires_grad_(True)
-    loss = naive_diffusion_tta_step(naive_model, adapter.backend, x, None, pairs, micro_batch,
+    loss = naive_diffusion_tta_step(naive_model, adapter.judge, x, None, pairs, micro_batch,
                                          torch.Generator().manual_seed(0), step=False)
     assert loss == pytest.approx(adapter.last_loss, rel=1e-6, abs=1e-8)
     for n, p in naive_model.named_parameters():
@@ -49,7 +49,7 @@ def test_same_adaptation_over_steps(judge):
     model = tiny_classifier()
     source = copy.deepcopy(model)
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    adapter = tta.create_adapter("diffusion_tta", model, backend=judge, seed=0, steps=2, pairs=14, micro_batch=6,
+    adapter = tta.create_adapter("diffusion_tta", model, judge=judge, seed=0, steps=2, pairs=14, micro_batch=6,
                                  episodic=False, lr=0.05, **NAIVE_SETTING)
     losses = []
     step = adapter.forward_and_adapt
@@ -62,7 +62,7 @@ def test_same_adaptation_over_steps(judge):
     project_out = adapter(x)
 
     naive_losses = []
-    naive_out = naive_diffusion_tta(source, adapter.backend, x, steps=2, pairs=14, micro_batch=6, lr=0.05,
+    naive_out = naive_diffusion_tta(source, adapter.judge, x, steps=2, pairs=14, micro_batch=6, lr=0.05,
                                          generator=torch.Generator().manual_seed(0), losses=naive_losses)
     assert naive_losses == pytest.approx(losses, rel=1e-5)
     assert torch.allclose(naive_out, project_out, rtol=1e-4, atol=1e-6)

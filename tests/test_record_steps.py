@@ -13,13 +13,13 @@ from tta.bench.runner import run_benchmark
 from tta.bench.spec import parse_spec
 from tta.bench.step_report import at_step, recorded_steps
 
-CONFIG = {"backend": None, "preset": "classifier-only", "adapt": "all", "pairs": 4, "micro_batch": 4, "seed": 3,
+CONFIG = {"judge": None, "preset": "classifier-only", "adapt": "all", "pairs": 4, "micro_batch": 4, "seed": 3,
           "lr": 0.5}
 
 
 def _adapter(steps):
     torch.manual_seed(1)
-    return create_adapter("diffusion_tta", tiny_model(sharpness=2.0), **{**CONFIG, "backend": tiny_judge_folder(),
+    return create_adapter("diffusion_tta", tiny_model(sharpness=2.0), **{**CONFIG, "judge": tiny_judge_folder(),
                                                                          "steps": steps})
 
 
@@ -48,7 +48,7 @@ def _spec(weights, judge, **method):
         "data": {"kind": "foolbox", "set": "cifar10", "corruptions": ["fog"], "severities": [5], "clean": True,
                  "max_images": 4},
         "methods": ["source", {"name": "diffusion_tta", "label": "dtta",
-                               "config": {**CONFIG, "backend": str(judge), "steps": 2}, **method}]})
+                               "config": {**CONFIG, "judge": str(judge), "steps": 2}, **method}]})
 
 
 def test_the_runner_stores_every_step_and_the_report_pairs_each_with_step_0(tiny_weights, tmp_path):
@@ -83,7 +83,7 @@ def test_the_runner_stores_every_step_and_the_report_pairs_each_with_step_0(tiny
 ])
 def test_record_steps_refuses_what_it_cannot_record(tiny_weights, tmp_path, method, error):
     judge = save_pixel_judge(tmp_path / "judge", num_classes=10, size=16)
-    method = {**method, "config": {**CONFIG, "backend": str(judge), "steps": 1}} if method["name"] != "tent" else method
+    method = {**method, "config": {**CONFIG, "judge": str(judge), "steps": 1}} if method["name"] != "tent" else method
     values = {"name": "x", "batch_size": 1, "settings": ["episodic"],
               "model": {"name": "timm:test_resnet", "weights": str(tiny_weights), "input_size": [3, 32, 32],
                         "kwargs": {"num_classes": 10}},

@@ -259,7 +259,7 @@ def test_a_key_given_twice_in_a_benchmark_file_is_an_error(tmp_path):
 def test_a_judge_of_another_class_count_is_a_clear_error(name):
     model = tiny_model(num_classes=7)  # the tiny judge knows 5 classes
     with pytest.raises(ValueError, match=r"7 classes but the pixel-unet judge knows 5.*use a judge"):
-        tta.create_adapter(name, model, backend=tiny_judge_folder())
+        tta.create_adapter(name, model, judge=tiny_judge_folder())
 
 
 # ---- missing and broken files -------------------------------------------------------------------------------------
@@ -274,9 +274,9 @@ def test_missing_or_broken_weights_say_what_to_pass(tmp_path):
         tta.create_model("timm:test_resnet", weights=truncated, num_classes=10)
     with pytest.raises(ValueError, match="does not fit this architecture.*number of classes"):
         tta.create_model("timm:test_resnet", weights=full, num_classes=10)
-    with pytest.raises(FileNotFoundError, match="no diffusion backend folder.*pass an existing folder"):
-        tta.create_adapter("diffusion_tta", tiny_model(), backend=str(tmp_path / "no-judge"))
-    with pytest.raises(ValueError, match="needs a diffusion judge: pass backend="):
+    with pytest.raises(FileNotFoundError, match="no diffusion judge folder.*pass an existing folder"):
+        tta.create_adapter("diffusion_tta", tiny_model(), judge=str(tmp_path / "no-judge"))
+    with pytest.raises(ValueError, match="needs a diffusion judge: pass judge="):
         tta.create_adapter("diffusion_tta", tiny_model())
 
 

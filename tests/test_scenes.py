@@ -60,8 +60,8 @@ def test_zoo_members_load_and_run():
     assert seg(x).shape == (2, len(CLASS_NAMES), 24, 24)
     slots = tta.create_model("zoo:scenes-slots")
     assert slots.task == "object_discovery" and slots.predict(x).shape == (2, 3, 24, 24)
-    from tta.generative import create_backend
-    judge = create_backend("zoo:scenes-judge")
+    from tta.generative import create_judge
+    judge = create_judge("zoo:scenes-judge")
     assert judge.kind == "map-unet" and judge.map_channels == len(CLASS_NAMES) and judge.image_size == (24, 24)
     cond = judge.condition(seg(x).softmax(1))
     err = judge.denoising_error(judge.encode(x), cond, torch.tensor([100, 500]), torch.randn(2, 1, 24, 24))

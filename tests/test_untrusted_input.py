@@ -77,13 +77,13 @@ def test_a_callable_reached_through_an_allowed_module_counts_where_it_is_defined
     assert "tta" in ALLOWED_FACTORY_PACKAGES
 
 
-def test_a_wrong_backend_folder_is_named_but_never_listed(tmp_path, capsys):
+def test_a_wrong_judge_folder_is_named_but_never_listed(tmp_path, capsys):
     folder = tmp_path / "private"
     folder.mkdir()
     (folder / "passwords.txt").write_text("secret")
     (folder / "id_rsa").write_text("secret")
     code = main(["run", "--model", "zoo:fmnist-cnn", "--method", "diffusion_classifier", "--set",
-                 f"backend={folder}", "--data", "foolbox:fashionMNIST", "--limit", "2", "--device", "cpu"])
+                 f"judge={folder}", "--data", "foolbox:fashionMNIST", "--limit", "2", "--device", "cpu"])
     err = capsys.readouterr().err.rsplit("\r", 1)[-1]
     assert code == 2 and str(folder) in err and "tta_backend.json" in err
     assert "passwords" not in err and "id_rsa" not in err

@@ -8,7 +8,9 @@
 from .adapter import Adapter, AdapterConfig, create_adapter, list_adapters, register_adapter  # noqa: F401
 from . import methods  # noqa: F401  (registers the methods)
 from .models import create_model, list_models, wrap_model  # noqa: F401
-from .generative import create_backend, list_backends  # noqa: F401
+from .generative import create_judge, list_judges  # noqa: F401
 from . import zoo  # noqa: F401  (registers the zoo: model source)
 
 __version__ = "0.1.0"
+
+create_backend, list_backends = create_judge, list_judges  # deprecated aliases, kept for existing code

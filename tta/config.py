@@ -58,15 +58,37 @@ Pairs = Annotated[int, Interval(ge=1, le=MAX_PAIRS), doc("each is one pass of th
 Seed = Annotated[int, Interval(ge=0, le=2 ** 64 - 1), doc("what torch.Generator.manual_seed takes")]
 
 
+# Config fields renamed after release, old name -> new name. The old name stays accepted wherever a config is given
+# (make_config: create_adapter's keywords, `tta run --set`, a benchmark file's `config:`) and means the new one, so
+# code and benchmark files written before the rename keep working; result rows keep their ids through
+# tta.bench.results.RENAMED_FIELDS.
+OLD_FIELD_NAMES: Dict[str, str] = {"backend": "judge", "adapt_backend": "adapt_judge", "backend_lr": "judge_lr"}
+
+
+def with_new_names(config_cls, values: Dict[str, Any]) -> Dict[str, Any]:
+    """`values` with every old field name (OLD_FIELD_NAMES) that `config_cls` has under its new name written with the
+    new one; a field given under both names is refused. Other keys are left for make_config to accept or refuse."""
+    valid = {f.name for f in dataclasses.fields(config_cls)}
+    out = dict(values)
+    for old, new in OLD_FIELD_NAMES.items():
+        if old in out and new in valid and old not in valid:
+            if new in out:
+                raise TypeError(f"{config_cls.__qualname__}: {old!r} is the old name of {new!r}; give only {new!r}, "
+                                f"not both (got {old}={out[old]!r} and {new}={out[new]!r})")
+            out[new] = out.pop(old)
+    return out
+
+
 def make_config(config_cls, cfg=None, overrides: Optional[Dict[str, Any]] = None):
     """Build `config_cls` from an optional instance or dict plus keyword overrides; unknown keys are errors, and
-    the values are checked by the class itself (see check_config)."""
+    the values are checked by the class itself (see check_config). A field's old name (OLD_FIELD_NAMES) means its
+    new one."""
     values: Dict[str, Any] = {}
     if isinstance(cfg, dict):
-        values.update(cfg)
+        values.update(with_new_names(config_cls, cfg))
     elif cfg is not None:
         values.update(dataclasses.asdict(cfg))
-    values.update(overrides or {})
+    values.update(with_new_names(config_cls, overrides or {}))
     valid = [f.name for f in dataclasses.fields(config_cls)]
     unknown = sorted(set(values) - set(valid))
     if unknown:

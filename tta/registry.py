@@ -1,4 +1,4 @@
-"""One small name -> factory registry, used for adapters, model sources and diffusion backends."""
+"""One small name -> factory registry, used for adapters, model sources and diffusion judges."""
 from __future__ import annotations
 
 import difflib

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
+from ..config import OLD_FIELD_NAMES
+
 KEY_FIELDS = ("benchmark", "method", "config_id", "model", "data_id", "domain", "severity", "setting",
               "batch_size", "seed")
 
@@ -46,6 +48,16 @@ ADDED_FIELDS: Dict[str, Dict[str, Any]] = {
     "data": {"exclude_per_class": None},
 }
 
+# Config fields renamed after result rows were written: scope (as in ADDED_FIELDS) -> {new name: the name the rows
+# were written with}. A row's id hashes its config's field names, so config_id puts each field back under its old name
+# before hashing: a config written with the new names keeps the id of its committed rows, and a rerun of a committed
+# spec skips them. Old names in a config (rows written before the rename) are left as they are and hash the same.
+# Never change an entry: ids are frozen; a later rename of a field listed here maps the newest name to the oldest.
+# (Configs accept the old names too: tta.config.OLD_FIELD_NAMES.)
+RENAMED_FIELDS: Dict[str, Dict[str, str]] = {
+    "adapter": {"judge": "backend", "adapt_judge": "adapt_backend", "judge_lr": "backend_lr"},
+}
+
 
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
@@ -53,11 +65,15 @@ def _canonical(value: Any) -> str:
 
 def config_id(config: Dict[str, Any], scopes: Iterable[str] = ()) -> str:
     """A short stable hash of a config dict (key order and JSON number formatting do not matter). Fields that
-    ADDED_FIELDS lists for one of `scopes`, at their listed value, are left out (see ADDED_FIELDS)."""
+    ADDED_FIELDS lists for one of `scopes`, at their listed value, are left out (see ADDED_FIELDS), and fields that
+    RENAMED_FIELDS lists are hashed under the name they had when ids were frozen."""
     added: Dict[str, Any] = {}
+    renamed: Dict[str, str] = {}
     for scope in scopes:
         added.update(ADDED_FIELDS.get(scope, {}))
-    kept = {k: v for k, v in config.items() if k not in added or _canonical(v) != _canonical(added[k])}
+        renamed.update(RENAMED_FIELDS.get(scope, {}))
+    kept = {renamed.get(k, k): v for k, v in config.items()
+            if k not in added or _canonical(v) != _canonical(added[k])}
     return hashlib.sha1(_canonical(kept).encode()).hexdigest()[:12]
 
 
@@ -234,6 +250,9 @@ def _parse_row(line: bytes, where: str) -> Dict[str, Any]:
     missing = [k for k in ROW_FIELDS if k not in row]
     if missing:
         raise ValueError(f"{where}: the row lacks field(s) {missing} that every result row has; {fix}")
+    if isinstance(row.get("config"), dict):  # a row written before a field was renamed reads with the new name
+        row["config"] = {OLD_FIELD_NAMES.get(k, k) if OLD_FIELD_NAMES.get(k) not in row["config"] else k: v
+                         for k, v in row["config"].items()}
     return row
 
 

@@ -1,11 +1,11 @@
-"""The DiffusionBackend protocol: one operation shared by Diffusion-TTA and the Diffusion Classifier.
+"""The DiffusionJudge protocol: one operation shared by Diffusion-TTA and the Diffusion Classifier.
 
 Both methods reduce to the error between predicted and true noise for an image x0, a timestep t, a noise eps
-and a condition. A backend encodes an image once (pixels in [-1, 1], or VAE latents scaled as its model
+and a condition. A judge encodes an image once (pixels in [-1, 1], or VAE latents scaled as its model
 expects), turns soft condition weights into its model's native condition and predicts the noise. Native
 conditions are tensors with the batch first, so callers can repeat them over (t, eps) pairs.
 
-Backends load through diffusers' own `from_pretrained`, from a hub id or a local folder in the
+Judges load through diffusers' own `from_pretrained`, from a hub id or a local folder in the
 `save_pretrained` layout. diffusers and transformers are imported inside the loaders, so `import tta` needs
 only torch.
 """
@@ -28,28 +28,28 @@ from ..models.wrapper import check_images, standardise_each_image
 from ..registry import Registry, unknown_name_message
 from .sampling import add_noise, per_sample_error
 
-BACKENDS = Registry("diffusion backend")
+JUDGES = Registry("diffusion judge")
 METADATA_FILE = "tta_backend.json"  # optional, beside the model files: {"kind": ..., "class_names": [...], ...}
 CONDITIONINGS = ("class", "text", "map")
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, to show a grey-scale judge a colour image
 
 
-def register_backend(kind: str):
-    """Class decorator: register a DiffusionBackend subclass under `kind` (also sets its `kind`)."""
+def register_judge(kind: str):
+    """Class decorator: register a DiffusionJudge subclass under `kind` (also sets its `kind`)."""
     def decorator(cls):
         cls.kind = kind
-        return BACKENDS.register(kind)(cls)
+        return JUDGES.register(kind)(cls)
     return decorator
 
 
-class DiffusionBackend(nn.Module):
+class DiffusionJudge(nn.Module):
     """A conditional noise predictor with its noise schedule, encoder and conditioning.
 
     Subclasses set `conditioning` ("class": a fixed table of K class embeddings; "text": prompts built from
     class names, any K; "map": a per-pixel map concatenated to the noisy input) and implement `encode`,
     `condition` and `predict_noise`; `denoiser` is the network that Diffusion-TTA may adapt.
     """
-    kind = "backend"
+    kind = "judge"
     conditioning = "class"
 
     def __init__(self, scheduler, image_size: Tuple[int, int], image_channels: int,
@@ -66,12 +66,12 @@ class DiffusionBackend(nn.Module):
         self.image_size = tuple(image_size)
         self.image_channels = int(image_channels)
         self.class_names = list(class_names) if class_names is not None else None
-        self.source = self.kind  # create_backend records "<kind>:<path>" here, for result rows
+        self.source = self.kind  # create_judge records "<kind>:<path>" here, for result rows
 
     # ---- the protocol ------------------------------------------------------------------------------------
     @property
     def denoiser(self) -> nn.Module:
-        """The noise-prediction network (UNet or transformer): what `adapt_backend` trains."""
+        """The noise-prediction network (UNet or transformer): what `adapt_judge` trains."""
         raise NotImplementedError
 
     @property
@@ -102,12 +102,12 @@ class DiffusionBackend(nn.Module):
         return per_sample_error(self.predict_noise(x_t, t, cond), noise, loss)
 
     def use_fast_paths(self, channels_last: bool = False, compile: bool = False,
-                       checkpointing: bool = False) -> "DiffusionBackend":
+                       checkpointing: bool = False) -> "DiffusionJudge":
         """Speed and memory options for the denoiser, in place (a judge shared by several adapters gets them too).
         channels_last: NHWC convolutions (faster on GPUs with tensor cores; not on this project's test CPU).
         compile: torch.compile the denoiser (the first calls compile; worth it on GPUs for long runs).
         checkpointing: recompute the denoiser's activations in the backward pass instead of keeping them (less
-        memory, about a third more time): for large judges, adapted (adapt_backend) or not, since the gradient
+        memory, about a third more time): for large judges, adapted (adapt_judge) or not, since the gradient
         to the condition also needs them. Outputs and gradients are unchanged up to rounding."""
         net = self.denoiser
         if checkpointing:
@@ -122,7 +122,7 @@ class DiffusionBackend(nn.Module):
         return self
 
     def set_class_names(self, class_names: Sequence[str]) -> None:
-        """Text-conditioned backends embed any class names; class-table backends only accept their own count."""
+        """Text-conditioned judges embed any class names; class-table judges only accept their own count."""
         if self.num_classes is not None and len(class_names) != self.num_classes:
             raise ValueError(f"this {self.kind} judge has {self.num_classes} classes and cannot take "
                              f"{len(class_names)} class names")
@@ -318,9 +318,9 @@ def load_component(cls, path: str, name: str, kind: str, layout: str, **kwargs):
     try:
         return cls.from_pretrained(local if is_local(path) else path, subfolder=subfolder(path, name), **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
-        raise OSError(f"could not load the {name} ({cls.__name__}) of a {kind!r} diffusion backend from {path!r}: "
-                      f"{e}\nA {kind} backend is a folder (or hub repository) laid out as {layout}, written with "
-                      f"save_pretrained; pass such a folder, or another kind with create_backend(..., kind=...)") from e
+        raise OSError(f"could not load the {name} ({cls.__name__}) of a {kind!r} diffusion judge from {path!r}: "
+                      f"{e}\nA {kind} judge is a folder (or hub repository) laid out as {layout}, written with "
+                      f"save_pretrained; pass such a folder, or another kind with create_judge(..., kind=...)") from e
 
 
 def load_scheduler(path: str, kind: str, layout: str):
@@ -345,12 +345,17 @@ class _ConfigOnly:
         return {k: v for k, v in config.items() if k in valid}
 
 
-def denoiser_prefix(backend: DiffusionBackend) -> str:
-    """The denoiser's module name inside the backend ("unet", "transformer")."""
-    return next(n for n, m in backend.named_modules() if m is backend.denoiser)
+def denoiser_prefix(judge: DiffusionJudge) -> str:
+    """The denoiser's module name inside the judge ("unet", "transformer")."""
+    return next(n for n, m in judge.named_modules() if m is judge.denoiser)
 
 
-def named_denoiser_parameters(backend: DiffusionBackend) -> List[Tuple[str, nn.Parameter]]:
-    """The denoiser's parameters, named as they are inside the backend module."""
-    prefix = denoiser_prefix(backend)
-    return [(f"{prefix}.{n}" if prefix else n, p) for n, p in backend.denoiser.named_parameters()]
+def named_denoiser_parameters(judge: DiffusionJudge) -> List[Tuple[str, nn.Parameter]]:
+    """The denoiser's parameters, named as they are inside the judge module."""
+    prefix = denoiser_prefix(judge)
+    return [(f"{prefix}.{n}" if prefix else n, p) for n, p in judge.denoiser.named_parameters()]
+
+# deprecated aliases, kept for existing code
+BACKENDS = JUDGES
+DiffusionBackend = DiffusionJudge
+register_backend = register_judge

@@ -1,5 +1,5 @@
 """The Diffusion Classifier's scorer (Li et al., ICCV 2023, arXiv:2303.16203), reusable with any class-conditional
-or text-conditioned backend.
+or text-conditioned judge.
 
 Prediction: argmin_c E_{t,eps} || eps_theta(x_t, t, c) - eps ||. For variance reduction every class sees the
 same noise at a timestep, and timesteps lie on an evenly spaced grid (start T // n // 2, stride T // n).
@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import named_by
 from ..registry import unknown_name_message
-from .base import DiffusionBackend, autocast_for, check_autocast
+from .base import DiffusionJudge, autocast_for, check_autocast
 from .sampling import LOSSES, sample_noise, subgrid_positions, timestep_grid
 
 class ClassifierPreset(NamedTuple):
@@ -151,28 +151,28 @@ def fit_temperature(errors: torch.Tensor, labels: torch.Tensor, iterations: int 
     return math.exp(-best)
 
 
-# The DiffusionClassifier arguments a config or a `diffusion:` model name may set (the rest is the backend's).
+# The DiffusionClassifier arguments a config or a `diffusion:` model name may set (the rest is the judge's).
 CLASSIFIER_OPTIONS = ("preset", "keep", "samples", "loss", "temperature", "micro_batch", "n_trials", "seed",
                       "autocast")
 
 
 class DiffusionClassifier(nn.Module):
-    """A zero-shot classifier from a diffusion backend: [0, 1] images (B, C, H, W) -> (B, K) logits."""
+    """A zero-shot classifier from a diffusion judge: [0, 1] images (B, C, H, W) -> (B, K) logits."""
 
-    def __init__(self, backend: DiffusionBackend, preset: Optional[str] = None, keep: Optional[Sequence[int]] = None,
+    def __init__(self, judge: DiffusionJudge, preset: Optional[str] = None, keep: Optional[Sequence[int]] = None,
                  samples: Optional[Sequence[int]] = None, loss: Optional[str] = None, temperature: float = 1.0,
                  micro_batch: int = 32, n_trials: int = 1, seed: Optional[int] = None, autocast: Any = "auto"):
         super().__init__()
-        if backend.conditioning not in ("class", "text"):
-            raise ValueError(f"the Diffusion Classifier needs a class- or text-conditioned backend, got a "
-                             f"{backend.conditioning}-conditioned {backend.kind!r} one")
+        if judge.conditioning not in ("class", "text"):
+            raise ValueError(f"the Diffusion Classifier needs a class- or text-conditioned judge, got a "
+                             f"{judge.conditioning}-conditioned {judge.kind!r} one")
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if micro_batch < 1 or n_trials < 1:
             raise ValueError("micro_batch and n_trials must be positive")
-        self.backend = backend
+        self.judge = judge
         self.keep, self.samples = resolve_schedule(preset, keep, samples)
-        timestep_grid(backend.num_train_timesteps, max(self.samples))  # fail early on an impossible grid
+        timestep_grid(judge.num_train_timesteps, max(self.samples))  # fail early on an impossible grid
         self.loss = resolve_loss(preset, samples, loss)  # a preset brings its command's loss unless one is given
         self.temperature = float(temperature)
         self.micro_batch = int(micro_batch)
@@ -182,13 +182,15 @@ class DiffusionClassifier(nn.Module):
 
     @property
     def class_names(self):
-        return self.backend.class_names
+        return self.judge.class_names
 
     @property
     def num_classes(self) -> int:
-        if self.backend.num_classes is None:
-            raise ValueError("the backend has no classes; call backend.set_class_names(names) first")
-        return self.backend.num_classes
+        if self.judge.num_classes is None:
+            raise ValueError("the judge has no classes; call judge.set_class_names(names) first")
+        return self.judge.num_classes
+
+    backend = property(lambda self: self.judge)  # deprecated alias, kept for existing code
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return -self.errors(images) / self.temperature
@@ -196,15 +198,15 @@ class DiffusionClassifier(nn.Module):
     @torch.no_grad()
     def errors(self, images: torch.Tensor) -> torch.Tensor:
         """(B, K) estimated denoising error per class (paired estimates for pruned classes, see the module doc)."""
-        device = self.backend.alphas_cumprod.device
+        device = self.judge.alphas_cumprod.device
         generator = torch.Generator(device=device).manual_seed(self.seed) if self.seed is not None else None
         with autocast_for(device, self.autocast):
-            x0 = self.backend.encode(images.to(device))  # once per image, for every class and timestep
+            x0 = self.judge.encode(images.to(device))  # once per image, for every class and timestep
             return torch.stack([self._errors_one(x0[i:i + 1], generator) for i in range(x0.shape[0])]).float()
 
     def _errors_one(self, x0: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        backend, K, trials = self.backend, self.num_classes, self.n_trials
-        grid = timestep_grid(backend.num_train_timesteps, max(self.samples))
+        judge, K, trials = self.judge, self.num_classes, self.n_trials
+        grid = timestep_grid(judge.num_train_timesteps, max(self.samples))
         # One noise per (grid position, trial), shared by every class: the variance reduction of the paper.
         noise = sample_noise(1, len(grid) * trials, x0.shape[1:], "independent", generator, x0.device, x0.dtype)[0]
         errors = torch.full((K, len(grid) * trials), float("nan"), device=x0.device)
@@ -235,14 +237,14 @@ class DiffusionClassifier(nn.Module):
         return out
 
     def _evaluate(self, x0, grid, trials, noise, jobs, errors) -> None:
-        backend = self.backend
+        judge = self.judge
         for i in range(0, len(jobs), self.micro_batch):
             chunk = jobs[i:i + self.micro_batch]
             classes = torch.tensor([c for c, _ in chunk], device=x0.device)
             columns = torch.tensor([col for _, col in chunk], device=x0.device)
             t = torch.tensor([grid[col // trials] for _, col in chunk], device=x0.device)
-            err = backend.denoising_error(x0.expand(len(chunk), *x0.shape[1:]), backend.class_condition(classes),
-                                          t, noise[columns], self.loss)
+            err = judge.denoising_error(x0.expand(len(chunk), *x0.shape[1:]), judge.class_condition(classes),
+                                        t, noise[columns], self.loss)
             errors[classes, columns] = err.float()
 
     @torch.no_grad()

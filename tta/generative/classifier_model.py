@@ -9,9 +9,9 @@ import torch
 
 from ..models.sources import MODEL_SOURCES
 from ..models.wrapper import ImageModel, check_images
-from .base import BACKENDS
+from .base import JUDGES
 from .classifier import CLASSIFIER_OPTIONS, DiffusionClassifier
-from .loading import create_backend
+from .loading import create_judge
 
 
 @MODEL_SOURCES.register("diffusion")
@@ -19,19 +19,19 @@ def diffusion_model(name: str, pretrained: bool = True, weights=None, class_name
                     **kwargs) -> ImageModel:
     """`diffusion:<kind>@<folder or hub id>` (or `diffusion:<folder>`, kind read from its files): the Diffusion
     Classifier as a model. Classifier options (preset, keep, samples, loss, temperature, micro_batch, n_trials,
-    seed, autocast) and backend options (prompt, torch_dtype, ...) are keyword arguments."""
+    seed, autocast) and judge options (prompt, torch_dtype, ...) are keyword arguments."""
     if not pretrained or weights is not None:
         raise ValueError("the diffusion source loads a trained judge from its folder or hub id "
                          "(diffusion:<kind>@<path>); pretrained=False and weights= do not apply")
     kind, sep, path = name.partition("@")
-    spec = f"{kind}:{path}" if sep and kind in BACKENDS else name
+    spec = f"{kind}:{path}" if sep and kind in JUDGES else name
     options = {k: kwargs.pop(k) for k in CLASSIFIER_OPTIONS if k in kwargs}
-    backend_options = {"class_names": class_names} if class_names is not None else {}
-    backend = create_backend(spec, **backend_options, **kwargs)
-    classifier = DiffusionClassifier(backend, **options)
-    c = backend.image_channels
-    return DiffusionClassifierModel(classifier, (0.0,) * c, (1.0,) * c, backend.class_names,
-                                    (c, *backend.image_size), name=f"diffusion:{name}")
+    judge_options = {"class_names": class_names} if class_names is not None else {}
+    judge = create_judge(spec, **judge_options, **kwargs)
+    classifier = DiffusionClassifier(judge, **options)
+    c = judge.image_channels
+    return DiffusionClassifierModel(classifier, (0.0,) * c, (1.0,) * c, judge.class_names,
+                                    (c, *judge.image_size), name=f"diffusion:{name}")
 
 
 class DiffusionClassifierModel(ImageModel):

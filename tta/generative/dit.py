@@ -15,8 +15,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .base import (DiffusionBackend, is_local, labels_with_outputs, load_component, load_scheduler, prepare_images,
-                   read_metadata, register_backend)
+from .base import (DiffusionJudge, is_local, labels_with_outputs, load_component, load_scheduler, prepare_images,
+                   read_metadata, register_judge)
 
 LAYOUT = "transformer/ (DiTTransformer2DModel) + vae/ (AutoencoderKL) + scheduler/ [+ model_index.json]"
 
@@ -42,8 +42,8 @@ def _id2label_names(path: str, num_classes: int) -> Optional[List[str]]:
             for i in range(num_classes)]
 
 
-@register_backend("dit")
-class DiTBackend(DiffusionBackend):
+@register_judge("dit")
+class DiTJudge(DiffusionJudge):
     conditioning = "class"
 
     def __init__(self, transformer: nn.Module, vae: nn.Module, scheduler, class_names: Optional[Sequence[str]] = None):
@@ -62,7 +62,7 @@ class DiTBackend(DiffusionBackend):
 
     @classmethod
     def from_pretrained(cls, path: str, class_names: Optional[Sequence[str]] = None, torch_dtype=None,
-                        **kwargs) -> "DiTBackend":
+                        **kwargs) -> "DiTJudge":
         from diffusers import AutoencoderKL, DiTTransformer2DModel
         extra = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         transformer = load_component(DiTTransformer2DModel, path, "transformer", cls.kind, LAYOUT, **extra, **kwargs)
@@ -103,3 +103,5 @@ class DiTBackend(DiffusionBackend):
         if out.shape[1] == 2 * x_t.shape[1]:  # learned variance: the first half is the noise prediction
             out = out[:, :x_t.shape[1]]
         return self.to_epsilon(out, x_t, t)
+
+DiTBackend = DiTJudge  # deprecated alias, kept for existing code

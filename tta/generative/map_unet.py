@@ -16,15 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (DiffusionBackend, load_component, load_scheduler, prepare_images, read_metadata, register_backend,
+from .base import (DiffusionJudge, load_component, load_scheduler, prepare_images, read_metadata, register_judge,
                    square_size)
 
 LAYOUT = "unet/ (UNet2DModel, in_channels = image + map channels) + scheduler/, or a flat folder"
 MAP_KINDS = ("probabilities", "depth")
 
 
-@register_backend("map-unet")
-class MapUNetBackend(DiffusionBackend):
+@register_judge("map-unet")
+class MapUNetJudge(DiffusionJudge):
     conditioning = "map"
 
     def __init__(self, unet: nn.Module, scheduler, map_kind: Optional[str] = None,
@@ -52,7 +52,7 @@ class MapUNetBackend(DiffusionBackend):
 
     @classmethod
     def from_pretrained(cls, path: str, map_kind: Optional[str] = None, map_range=None,
-                        class_names: Optional[Sequence[str]] = None, torch_dtype=None, **kwargs) -> "MapUNetBackend":
+                        class_names: Optional[Sequence[str]] = None, torch_dtype=None, **kwargs) -> "MapUNetJudge":
         from diffusers import UNet2DModel
         meta = read_metadata(path)
         extra = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
@@ -83,8 +83,10 @@ class MapUNetBackend(DiffusionBackend):
 
     def class_condition(self, labels: torch.Tensor) -> torch.Tensor:
         raise TypeError("a map-conditioned judge scores maps, not image-level classes; "
-                        "the Diffusion Classifier needs a pixel-unet, dit or sd backend")
+                        "the Diffusion Classifier needs a pixel-unet, dit or sd judge")
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         out = self.unet(torch.cat([x_t, cond.to(x_t.dtype)], 1), t).sample
         return self.to_epsilon(out, x_t, t)
+
+MapUNetBackend = MapUNetJudge  # deprecated alias, kept for existing code

@@ -14,14 +14,14 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .base import (DiffusionBackend, check_input_norm, load_component, load_scheduler, normalise_judge_input,
-                   prepare_images, read_metadata, register_backend, replaced_outputs, square_size)
+from .base import (DiffusionJudge, check_input_norm, load_component, load_scheduler, normalise_judge_input,
+                   prepare_images, read_metadata, register_judge, replaced_outputs, square_size)
 
 LAYOUT = "unet/ (UNet2DModel with num_class_embeds) + scheduler/ (scheduler_config.json), or a flat folder"
 
 
-@register_backend("pixel-unet")
-class PixelUNetBackend(DiffusionBackend):
+@register_judge("pixel-unet")
+class PixelUNetJudge(DiffusionJudge):
     conditioning = "class"
 
     def __init__(self, unet: nn.Module, scheduler, class_names: Optional[Sequence[str]] = None,
@@ -41,7 +41,7 @@ class PixelUNetBackend(DiffusionBackend):
 
     @classmethod
     def from_pretrained(cls, path: str, class_names: Optional[Sequence[str]] = None, torch_dtype=None,
-                        input_norm: Optional[str] = None, **kwargs) -> "PixelUNetBackend":
+                        input_norm: Optional[str] = None, **kwargs) -> "PixelUNetJudge":
         from diffusers import UNet2DModel
         extra = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         unet = load_component(UNet2DModel, path, "unet", cls.kind, LAYOUT, **extra, **kwargs)
@@ -72,3 +72,5 @@ class PixelUNetBackend(DiffusionBackend):
         with replaced_outputs([self.unet.class_embedding], lambda m: cond):
             out = self.unet(x_t, t, class_labels=dummy).sample
         return self.to_epsilon(out, x_t, t)
+
+PixelUNetBackend = PixelUNetJudge  # deprecated alias, kept for existing code

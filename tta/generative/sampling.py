@@ -1,7 +1,7 @@
 """Timestep and noise sampling for denoising losses, written once for Diffusion-TTA and the Diffusion Classifier.
 
 Conventions: T is the number of training timesteps, t lies in [0, T), x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
-with a_t = alphas_cumprod[t] (the DDPM forward process every backend here was trained with).
+with a_t = alphas_cumprod[t] (the DDPM forward process every judge here was trained with).
 Random draws take an optional `torch.Generator`, so a run can be repeated exactly with a seed.
 """
 from __future__ import annotations

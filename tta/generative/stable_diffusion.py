@@ -13,16 +13,16 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .base import (DiffusionBackend, load_component, load_scheduler, prepare_images, read_metadata,
-                   register_backend)
+from .base import (DiffusionJudge, load_component, load_scheduler, prepare_images, read_metadata,
+                   register_judge)
 
 LAYOUT = ("unet/ (UNet2DConditionModel) + vae/ (AutoencoderKL) + text_encoder/ (CLIPTextModel) + "
           "tokenizer/ + scheduler/")
 DEFAULT_PROMPT = "a photo of a {}."
 
 
-@register_backend("sd")
-class StableDiffusionBackend(DiffusionBackend):
+@register_judge("sd")
+class StableDiffusionJudge(DiffusionJudge):
     conditioning = "text"
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer, scheduler,
@@ -46,12 +46,12 @@ class StableDiffusionBackend(DiffusionBackend):
 
     @classmethod
     def from_pretrained(cls, path: str, class_names: Optional[Sequence[str]] = None, prompt: Optional[str] = None,
-                        image_size: Optional[int] = None, torch_dtype=None, **kwargs) -> "StableDiffusionBackend":
+                        image_size: Optional[int] = None, torch_dtype=None, **kwargs) -> "StableDiffusionJudge":
         from diffusers import AutoencoderKL, UNet2DConditionModel
         try:
             from transformers import AutoTokenizer, CLIPTextModel
         except ImportError as e:
-            raise ImportError("the sd backend needs transformers for the CLIP text encoder: "
+            raise ImportError("the sd judge needs transformers for the CLIP text encoder: "
                               "pip install transformers") from e
         meta = read_metadata(path)
         extra = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
@@ -86,8 +86,8 @@ class StableDiffusionBackend(DiffusionBackend):
 
     def _require_classes(self):
         if self.class_names is None:
-            raise ValueError("this sd judge has no classes yet: pass class_names= to create_backend or call "
-                             "backend.set_class_names(names) (Diffusion-TTA does it from the model's class names)")
+            raise ValueError("this sd judge has no classes yet: pass class_names= to create_judge or call "
+                             "judge.set_class_names(names) (Diffusion-TTA does it from the model's class names)")
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -106,3 +106,5 @@ class StableDiffusionBackend(DiffusionBackend):
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         out = self.unet(x_t, t, encoder_hidden_states=cond.to(x_t.dtype)).sample
         return self.to_epsilon(out, x_t, t)
+
+StableDiffusionBackend = StableDiffusionJudge  # deprecated alias, kept for existing code

@@ -15,14 +15,14 @@ on CUDA, float32 on the CPU), the default; autocast="off" is its --dtype float32
 Known difference: the authors give each data set its own prompt file (prompts/<dataset>_prompts.csv, e.g.
 "a blurry photo of a {}." for CIFAR-10, "a photo of a {}, a type of pet." for Pets, "a photo of {}, a type of
 food." for Food-101, and class names written for the prompts); a Stable Diffusion judge here builds every class's
-prompt from one template (the backend's `prompt` option, default "a photo of a {}."). Pass that data set's
+prompt from one template (the judge's `prompt` option, default "a photo of a {}."). Pass that data set's
 template as `prompt` to match the authors' prompts; their per-class names and several prompts per class are not
 reproduced.
 
 Two faces of one scorer (tta.generative.classifier.DiffusionClassifier):
 - a model source (tta.generative.classifier_model), `tta.create_model("diffusion:<kind>@<folder or hub id>")`,
   an nn.Module from [0, 1] images to (B, K) logits;
-- a method for comparisons, `tta.create_adapter("diffusion_classifier", model, backend=...)`: it ignores the
+- a method for comparisons, `tta.create_adapter("diffusion_classifier", model, judge=...)`: it ignores the
   wrapped discriminative model's prediction (it only borrows its class names, for text-conditioned judges)
   and has no trainable parameters.
 """
@@ -47,7 +47,7 @@ from .judged import JudgedAdapter
 @dataclass
 class DiffusionClassifierConfig(AdapterConfig):
     steps: Steps = 0                       # nothing adapts
-    backend: Optional[str] = None          # "<kind>:<hub id or folder>" or a folder, loaded with create_backend
+    judge: Optional[str] = None            # "<kind>:<hub id or folder>" or a folder, loaded with create_judge
     preset: Optional[PruningPreset] = None  # a data set of PRUNING_PRESETS: its keep/samples per stage and its loss
     # classes kept after each stage (default: the cifar10 preset)
     keep: Optional[Tuple[Annotated[int, Interval(ge=1, le=1_000_000)], ...]] = None

@@ -3,7 +3,7 @@
 
 Adapts f on each test image by minimising the denoising loss of a conditional diffusion judge whose condition
 is computed from f's output:  E_{t,eps} || eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, c) - eps ||^2 with
-c = backend.condition(softmax(f(x))) (soft class weights; the per-pixel softmax or the depth map for dense
+c = judge.condition(softmax(f(x))) (soft class weights; the per-pixel softmax or the depth map for dense
 tasks), so the gradient reaches f through the condition. x0 is the image (pixel judges) or its VAE latent,
 encoded once. Builds on tta.generative (the judges and the (t, eps) sampling).
 
@@ -14,7 +14,7 @@ with gradient accumulation, float32 throughout (the official code never autocast
 - the classifier adapts all but its last layer (adapt="all_but_last"): config.yaml sets freeze_class_embeds: True,
   and build.py load_optimizer then gives the optimizer every leaf module but the last (for CLIP: all but the
   zero-shot head). adapt="all" adapts the last layer too;
-- the judge's denoiser adapts with the classifier, at the same learning rate (adapt_backend=True): dit.yaml sets
+- the judge's denoiser adapts with the classifier, at the same learning rate (adapt_judge=True): dit.yaml sets
   adapt_only_classifier: False, and the official README says both models' weights are updated. It is restored
   after every image, as the official loop reloads the whole state dict.
 Other named settings (the `preset` field; a field given explicitly overrides its preset's value):
@@ -32,7 +32,7 @@ classifier in every micro-step.
 Speed and memory (all off by default, so the paper's structure and float32 numbers are what runs unless asked):
 micro_batch=0 sizes micro-batches from free memory (tta.generative.memory); autocast="auto" runs the judge in bf16
 on CUDA and autocast="bf16" also on CPUs with native bf16 (the default "off" is the official float32); channels_last,
-compile and checkpointing act on the judge's denoiser (DiffusionBackend.use_fast_paths); per_example=True adapts
+compile and checkpointing act on the judge's denoiser (DiffusionJudge.use_fast_paths); per_example=True adapts
 every image of a batch on its own parameter copy at once (torch.func), the same as one episodic run per image.
 """
 from __future__ import annotations
@@ -59,12 +59,12 @@ from .judged import JudgedAdapter, device_of
 Adapt = Literal["all_but_last", "all", "norm", "last", "lora"]
 Preset = Literal["official-dit", "official-dit-adam", "official-sd", "classifier-only"]
 # Named settings, each one official configuration; a preset fills only the fields the user left unset (None).
-_DIT = {"optimizer": "sgd", "lr": 5e-3, "pairs": 180, "micro_batch": 15, "adapt_backend": True}
+_DIT = {"optimizer": "sgd", "lr": 5e-3, "pairs": 180, "micro_batch": 15, "adapt_judge": True}
 PRESETS: Dict[str, Dict[str, Any]] = {
     "official-dit": _DIT,                                                # experiment/dit.yaml (the default)
     "official-dit-adam": {**_DIT, "optimizer": "adamw", "lr": 1e-5},     # README: ResNet-18 / ConvNeXt-Tiny runs
-    "official-sd": {**_DIT, "pairs": 192, "micro_batch": 16, "adapt_backend": False},  # experiment/sd.yaml (CLIP)
-    "classifier-only": {**_DIT, "adapt_backend": False},                 # official-dit with the judge frozen
+    "official-sd": {**_DIT, "pairs": 192, "micro_batch": 16, "adapt_judge": False},  # experiment/sd.yaml (CLIP)
+    "classifier-only": {**_DIT, "adapt_judge": False},                   # official-dit with the judge frozen
 }
 
 
@@ -76,7 +76,7 @@ class DiffusionTTAConfig(AdapterConfig):
     optimizer: Optional[Optimizer] = None  # None: the preset's (sgd; adamw for official-dit-adam)
     lr: Optional[Rate] = None          # None: the preset's (5e-3; 1e-5 for official-dit-adam)
     momentum: Fraction = 0.9
-    backend: Optional[str] = None      # "<kind>:<hub id or folder>" or a folder, loaded with create_backend
+    judge: Optional[str] = None        # "<kind>:<hub id or folder>" or a folder, loaded with create_judge
     pairs: Optional[Pairs] = None      # (t, eps) pairs per optimizer step; None: the preset's (180; 192 for SD)
     # pairs per accumulation micro-step (per image); 0: sized from free memory
     micro_batch: Optional[Annotated[int, Interval(ge=0, le=MAX_PAIRS), doc("0: sized from free memory")]] = None
@@ -89,8 +89,8 @@ class DiffusionTTAConfig(AdapterConfig):
     last_layer: Optional[str] = None   # the module adapt="last" adapts and adapt="all_but_last" leaves out
     lora_rank: Annotated[int, Interval(ge=1, le=4096)] = 8
     lora_alpha: NonNegative = 8.0
-    adapt_backend: Optional[bool] = None  # also adapt the judge's denoiser (restored after every episode); None: preset
-    backend_lr: Optional[Rate] = None  # the denoiser's learning rate (default: lr)
+    adapt_judge: Optional[bool] = None  # also adapt the judge's denoiser (restored after every episode); None: preset
+    judge_lr: Optional[Rate] = None    # the denoiser's learning rate (default: lr)
     seed: Optional[Seed] = None        # seed of the (t, eps) draws; None uses torch's global generator
     per_example: bool = False          # episodic: every image of a batch adapts its own copy, all at once
     autocast: AutocastSetting = "off"  # judge precision: off (float32, as official) | auto (bf16 on CUDA) | bf16
@@ -102,9 +102,9 @@ class DiffusionTTAConfig(AdapterConfig):
         fill_from_preset(self, PRESETS)  # before validation, so preset values are checked too
         super().__post_init__()
         self.autocast = check_autocast(self.autocast)
-        if self.per_example and (not self.episodic or self.adapt_backend):
+        if self.per_example and (not self.episodic or self.adapt_judge):
             raise ValueError("per_example adapts a copy of the model per image and drops it after the call: it needs "
-                             "episodic=True and a frozen judge: adapt_backend=False, or preset 'classifier-only' "
+                             "episodic=True and a frozen judge: adapt_judge=False, or preset 'classifier-only' "
                              "(the default preset, 'official-dit', adapts the judge)")
 
 
@@ -119,11 +119,11 @@ class DiffusionTTA(JudgedAdapter):
         # The paper adapts per image; per_example gives every image of a batch its own copy at once, which is faster.
         return not self.cfg.per_example
 
-    def __init__(self, model: nn.Module, cfg: Any = None, backend: Any = None, **overrides):
-        super().__init__(model, cfg, backend, **overrides)
+    def __init__(self, model: nn.Module, cfg: Any = None, judge: Any = None, **overrides):
+        super().__init__(model, cfg, judge, **overrides)
         self._generator = None
         if self.cfg.seed is not None:
-            device = device_of(self.backend) or torch.device("cpu")
+            device = device_of(self.judge) or torch.device("cpu")
             self._generator = torch.Generator(device=device).manual_seed(self.cfg.seed)
         self._x0 = None  # the encoded images of the current call, for every step
         self.last_loss: Optional[float] = None
@@ -134,8 +134,8 @@ class DiffusionTTA(JudgedAdapter):
     # ---- what adapts -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         super().configure_model()  # eval mode: per-example batches cannot give batch statistics
-        self.freeze_judge()  # but for its denoiser with adapt_backend (JudgedAdapter)
-        self.backend.use_fast_paths(self.cfg.channels_last, self.cfg.compile, self.cfg.checkpointing)
+        self.freeze_judge()  # but for its denoiser with adapt_judge (JudgedAdapter)
+        self.judge.use_fast_paths(self.cfg.channels_last, self.cfg.compile, self.cfg.checkpointing)
         if self.cfg.adapt == "lora":
             self.lora = LoRASet(self.model, self.cfg.lora_rank, self.cfg.lora_alpha)
         else:
@@ -144,7 +144,7 @@ class DiffusionTTA(JudgedAdapter):
     def collect_params(self) -> List[Tuple[str, nn.Parameter]]:
         own = [(f"lora.{n}", p) for n, p in self.lora.named_parameters()] if self.cfg.adapt == "lora" else \
             super().collect_params()
-        return own + self.judge_params()  # the judge's denoiser with adapt_backend, at backend_lr (JudgedAdapter)
+        return own + self.judge_params()  # the judge's denoiser with adapt_judge, at judge_lr (JudgedAdapter)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The (adapted) model's output; with LoRA the low-rank updates are applied on the fly."""
@@ -157,29 +157,29 @@ class DiffusionTTA(JudgedAdapter):
         adapted parameters without applying it; returns the model's outputs. With `predict` (per-example copies
         of the parameters, see adapt_per_example) the loss is the sum over images of each image's mean, so every
         copy gets the gradient it would get alone."""
-        backend, cfg = self.backend, self.cfg
-        device = backend.alphas_cumprod.device
+        judge, cfg = self.judge, self.cfg
+        device = judge.alphas_cumprod.device
         if x0 is None:
-            x0 = backend.encode(x.to(device))
+            x0 = judge.encode(x.to(device))
         outputs = (predict or self.predict)(x)
         with autocast_for(device, cfg.autocast):
-            cond = backend.condition(condition_weights(self.model, backend, outputs, self.name).to(device))
+            cond = judge.condition(condition_weights(self.model, judge, outputs, self.name).to(device))
         # The judge's gradient is gathered on a detached condition, micro-batch by micro-batch, then carried into
         # the model in one backward pass (see the module doc).
         cond_leaf = cond.detach().requires_grad_(True)
         b, n = x0.shape[0], cfg.pairs
-        t, noise = sample_pairs(x0, n, backend.num_train_timesteps, cfg.timesteps, cfg.noise, self._generator)
+        t, noise = sample_pairs(x0, n, judge.num_train_timesteps, cfg.timesteps, cfg.noise, self._generator)
 
         def judge_error(start: int, m: int) -> torch.Tensor:
             with autocast_for(device, cfg.autocast):
-                return backend.denoising_error(x0.repeat_interleave(m, 0), cond_leaf.repeat_interleave(m, 0),
-                                               t[:, start:start + m].reshape(-1),
-                                               noise[:, start:start + m].reshape(b * m, *x0.shape[1:]), cfg.loss)
+                return judge.denoising_error(x0.repeat_interleave(m, 0), cond_leaf.repeat_interleave(m, 0),
+                                             t[:, start:start + m].reshape(-1),
+                                             noise[:, start:start + m].reshape(b * m, *x0.shape[1:]), cfg.loss)
 
         def one_image(m: int) -> torch.Tensor:  # m passes of the first image: what sizing measures
             with autocast_for(device, cfg.autocast):
-                return backend.denoising_error(x0[:1].expand(m, *x0.shape[1:]), cond_leaf[:1].expand(m, -1),
-                                               t[0, :m], noise[0, :m], cfg.loss)
+                return judge.denoising_error(x0[:1].expand(m, *x0.shape[1:]), cond_leaf[:1].expand(m, -1),
+                                             t[0, :m], noise[0, :m], cfg.loss)
         micro = self.micro_batch_used = self.micro_batch_sizer(cfg.micro_batch, n, tuple(x0.shape), one_image, device,
                                                                cfg.memory_gb)
         per_image = torch.zeros(b, device=device)
@@ -213,7 +213,7 @@ class DiffusionTTA(JudgedAdapter):
                                  "step's outputs; set per_example: false to record steps")
             return self.adapt_per_example(x)
         with torch.no_grad():
-            self._x0 = self.backend.encode(x.to(self.backend.alphas_cumprod.device))  # once per image
+            self._x0 = self.judge.encode(x.to(self.judge.alphas_cumprod.device))  # once per image
         log = self.outputs_by_step
         try:
             with torch.enable_grad():  # adapt even when called under torch.no_grad()
@@ -232,7 +232,7 @@ class DiffusionTTA(JudgedAdapter):
         """Every image of the batch adapted episodically on its own copy of the adapted parameters (of the LoRA
         updates with adapt="lora"), in one pass (tta.per_example): the judge sees all images' pairs together."""
         with torch.no_grad():
-            x0 = self.backend.encode(x.to(self.backend.alphas_cumprod.device))
+            x0 = self.judge.encode(x.to(self.judge.alphas_cumprod.device))
 
         def step(predict):
             self.compute_gradients(x, x0, predict=predict)

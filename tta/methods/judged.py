@@ -1,6 +1,6 @@
 """The base of the methods that hold a diffusion judge (diffusion_tta, diffusion_classifier): loading the judge from
-a backend= argument or the config's `backend` field, a snapshot that leaves a frozen judge out, and a judge whose
-denoiser adapts with the model (a config's `adapt_backend`, at its `backend_lr`). Not a method itself: nothing is
+a judge= argument or the config's `judge` field, a snapshot that leaves a frozen judge out, and a judge whose
+denoiser adapts with the model (a config's `adapt_judge`, at its `judge_lr`). Not a method itself: nothing is
 registered here."""
 from __future__ import annotations
 
@@ -13,22 +13,26 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter
-from ..config import make_config
+from ..config import OLD_FIELD_NAMES, make_config, with_new_names
 from ..generative.base import denoiser_prefix, named_denoiser_parameters
-from ..generative.loading import match_backend_to_model, resolve_backend
+from ..generative.loading import match_judge_to_model, resolve_judge
 
 
 class JudgedAdapter(Adapter):
     """An Adapter with a diffusion judge under `judge_prefix`. The judge is a submodule (it moves with .to()), but
     only the parts of it that adapt are snapshotted and restored: a frozen DiT or SD judge is never copied, and an
     adapted one has its denoiser copied, not its VAE or text encoder.
-    A config with `adapt_backend` true adapts the judge's denoiser (a DiffusionBackend's) with the model: its parameters
-    are collected with judge_params() and get a parameter group of their own, at the config's `backend_lr` (None: lr).
+    A config with `adapt_judge` true adapts the judge's denoiser (a DiffusionJudge's) with the model: its parameters
+    are collected with judge_params() and get a parameter group of their own, at the config's `judge_lr` (None: lr).
     """
-    judge_prefix = "backend."
+    judge_prefix = "judge."
 
-    def __init__(self, model: nn.Module, cfg: Any = None, backend: Any = None, **overrides):
-        config, judge = self.load_judge(model, cfg, backend, overrides)
+    def __init__(self, model: nn.Module, cfg: Any = None, judge: Any = None, **overrides):
+        # judge= was once backend= (see tta.config.OLD_FIELD_NAMES): the old keyword, an object or a string, still works
+        judge = with_new_names(self.Config, {**overrides, **({"judge": judge} if judge is not None else {})}) \
+            .get("judge")
+        overrides = {k: v for k, v in overrides.items() if OLD_FIELD_NAMES.get(k) != "judge"}
+        config, judge = self.load_judge(model, cfg, judge, overrides)
         super().__init__(model, config, modules={self.judge_prefix.rstrip("."): self.judge_module(judge, config)})
 
     @classmethod
@@ -39,10 +43,15 @@ class JudgedAdapter(Adapter):
     # ---- a judge that adapts with the model ----------------------------------------------------------------------
     @property
     def judge(self) -> nn.Module:
-        return getattr(self, self.judge_prefix.rstrip("."))
+        try:  # not getattr: the judge of diffusion_tta is the submodule `judge` itself
+            return self._modules[self.judge_prefix.rstrip(".")]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} holds no judge yet") from None
+
+    backend = judge  # deprecated alias, kept for existing code
 
     def judge_adapts(self) -> bool:
-        return bool(getattr(self.cfg, "adapt_backend", False))
+        return bool(getattr(self.cfg, "adapt_judge", False))
 
     def adapted_judge_prefixes(self) -> Tuple[str, ...]:
         """The parts of the judge the snapshot keeps: the denoiser, when it adapts."""
@@ -60,24 +69,24 @@ class JudgedAdapter(Adapter):
         return [(f"{self.judge_prefix}{n}", p) for n, p in judge]
 
     def build_optimizer(self, params: List[nn.Parameter]) -> torch.optim.Optimizer:
-        """The judge's parameters, when some adapt, are a parameter group of their own, at backend_lr."""
+        """The judge's parameters, when some adapt, are a parameter group of their own, at judge_lr."""
         judge = {id(p) for p in self.judge.parameters()}
-        lr = getattr(self.cfg, "backend_lr", None)
+        lr = getattr(self.cfg, "judge_lr", None)
         groups = [{"params": [p for p in params if id(p) not in judge]},
                   {"params": [p for p in params if id(p) in judge], "lr": lr if lr is not None else self.cfg.lr}]
         return super().build_optimizer([g for g in groups if g["params"]])
 
     @classmethod
-    def load_judge(cls, model: nn.Module, cfg: Any, backend: Any, overrides: Dict[str, Any]):
-        """(config, judge): the judge from a backend= object, a backend= string or the config's `backend` field,
+    def load_judge(cls, model: nn.Module, cfg: Any, judge: Any, overrides: Dict[str, Any]):
+        """(config, judge): the judge from a judge= object, a judge= string or the config's `judge` field,
         checked against the model; the config records where the judge came from, so result rows say it."""
         config = make_config(cls.Config, cfg, overrides)
-        if isinstance(backend, (str, os.PathLike)):  # a string is the config field; an object is used as it is
-            config, backend = dataclasses.replace(config, backend=os.fspath(backend)), None
-        judge = resolve_backend(backend, config.backend, cls.name, device=device_of(model))
-        if config.backend is None:
-            config = dataclasses.replace(config, backend=judge.source)
-        match_backend_to_model(model, judge, cls.name)
+        if isinstance(judge, (str, os.PathLike)):  # a string is the config field; an object is used as it is
+            config, judge = dataclasses.replace(config, judge=os.fspath(judge)), None
+        judge = resolve_judge(judge, config.judge, cls.name, device=device_of(model))
+        if config.judge is None:
+            config = dataclasses.replace(config, judge=judge.source)
+        match_judge_to_model(model, judge, cls.name)
         return config, judge
 
     def _capture_state(self) -> Dict[str, Any]:

@@ -79,5 +79,5 @@ def zoo_model(name: str, pretrained: bool = True, weights=None, **kwargs):
 
 @JUDGE_SOURCES.register("zoo")
 def zoo_judge(name: str) -> Path:
-    """`zoo:fmnist-judge`: the folder of a diffusion judge of the project's zoo, for create_backend."""
+    """`zoo:fmnist-judge`: the folder of a diffusion judge of the project's zoo, for create_judge."""
     return checkpoint_path(name)

@@ -149,18 +149,18 @@ def train_judge(out: Path, steps: Optional[int] = None, device: str = "cpu", see
 def judge_map_check(path: Path, seed: int = 0, n: int = 64, pairs: int = 32) -> dict:
     """Does the judge use its map? Mean denoising error on test scenes with the true one-hot map, against the
     map of another scene (a wrong map should give a larger error)."""
-    from ..generative import create_backend
-    backend = create_backend(str(path))
+    from ..generative import create_judge
+    judge = create_judge(str(path))
     test = test_scenes(n, seed + 1)
-    x0 = backend.encode(test.images)
-    right, wrong = backend.condition(test.one_hot()), backend.condition(test.one_hot().roll(1, 0))
+    x0 = judge.encode(test.images)
+    right, wrong = judge.condition(test.one_hot()), judge.condition(test.one_hot().roll(1, 0))
     gen = torch.Generator().manual_seed(seed)
     err_right = err_wrong = 0.0
     for _ in range(pairs):
-        t = torch.randint(0, backend.num_train_timesteps, (n,), generator=gen)
+        t = torch.randint(0, judge.num_train_timesteps, (n,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        err_right += backend.denoising_error(x0, right, t, noise).mean().item() / pairs
-        err_wrong += backend.denoising_error(x0, wrong, t, noise).mean().item() / pairs
+        err_right += judge.denoising_error(x0, right, t, noise).mean().item() / pairs
+        err_wrong += judge.denoising_error(x0, wrong, t, noise).mean().item() / pairs
     return {"test_error_true_map": err_right, "test_error_shuffled_map": err_wrong}
 
 
