@@ -71,7 +71,7 @@ def evaluation_images(corruption: str):
 
 def dc_accuracy(judge: str, x: torch.Tensor, y: torch.Tensor) -> float:
     import tta
-    dc = tta.create_adapter("diffusion_classifier", tta.create_model("zoo:fmnist-cnn"), backend=judge, keep=(3, 1),
+    dc = tta.create_adapter("diffusion_classifier", tta.create_model("zoo:fmnist-cnn"), judge=judge, keep=(3, 1),
                             samples=(20, 60), micro_batch=100, seed=0)
     with torch.no_grad():
         return float(sum((dc(x[i:i + 1]).argmax(1) == y[i:i + 1]).item() for i in range(len(x))) / len(x))
@@ -81,7 +81,7 @@ def dtta_trajectory(judge: str, x: torch.Tensor, y: torch.Tensor, steps: int, lr
     """Accuracy after each step 0..steps (one SGD step per call on a non-episodic adapter reset per image, the
     same as one episodic call with `steps` steps) and the relative update size after the last step."""
     import tta
-    adapter = tta.create_adapter("diffusion_tta", tta.create_model("zoo:fmnist-cnn"), backend=judge, steps=1,
+    adapter = tta.create_adapter("diffusion_tta", tta.create_model("zoo:fmnist-cnn"), judge=judge, steps=1,
                                  **CLASSIFIER_GRADIENT, pairs=32, micro_batch=32, lr=lr, seed=0, episodic=False)
     theta0 = torch.cat([p.detach().flatten() for _, p in adapter.adapted_params]).clone()
     correct = np.zeros((steps + 1, len(x)))
@@ -102,7 +102,7 @@ def gradient_stats(judge: str, x: torch.Tensor, y: torch.Tensor, pairs: int):
     """Per image at the source weights: SNR of the `pairs`-pair mean gradient and its descent direction's cosine
     with the descent direction of the true label's cross-entropy."""
     import tta
-    adapter = tta.create_adapter("diffusion_tta", tta.create_model("zoo:fmnist-cnn"), backend=judge, steps=1,
+    adapter = tta.create_adapter("diffusion_tta", tta.create_model("zoo:fmnist-cnn"), judge=judge, steps=1,
                                  **CLASSIFIER_GRADIENT, pairs=1, micro_batch=1, seed=0)
     params = [p for _, p in adapter.adapted_params]
 

@@ -63,7 +63,7 @@ def snapshot_judge(folder: Path) -> Path:
             shutil.rmtree(folder)
         try:
             shutil.copytree(ZOO_JUDGE, folder)
-            tta.create_backend(str(folder))  # a copy taken mid-save does not load: take another
+            tta.create_judge(str(folder))  # a copy taken mid-save does not load: take another
             return folder
         except Exception:  # noqa: BLE001
             if attempt == 9:
@@ -84,7 +84,7 @@ def load_pair(judge: str = "zoo:fmnist-judge"):
     import tta
     for attempt in range(5):  # the zoo judge is re-saved by its training job now and then
         try:
-            return tta.create_model("zoo:fmnist-cnn"), tta.create_backend(judge)
+            return tta.create_model("zoo:fmnist-cnn"), tta.create_judge(judge)
         except Exception:  # noqa: BLE001 - a half-written checkpoint: wait and retry
             if attempt == 4:
                 raise
@@ -119,7 +119,7 @@ def load_classifier(kind: str):
 
 def worker_dtta(a: Dict[str, Any]) -> Dict[str, Any]:
     import tta
-    _, backend = load_pair(a["judge"])
+    _, judge = load_pair(a["judge"])
     model = load_classifier(a.get("classifier", "zoo"))
     x, _ = images(a["n_images"] * 10)
     x = x[:a["n_images"]]
@@ -127,7 +127,7 @@ def worker_dtta(a: Dict[str, Any]) -> Dict[str, Any]:
     base_rss = rss_mb()
     times, losses, preds, micro = [], [], [], None
     if a["variant"] == "project":
-        adapter = tta.create_adapter("diffusion_tta", model, backend=backend, seed=0, steps=a["steps"],
+        adapter = tta.create_adapter("diffusion_tta", model, judge=judge, seed=0, steps=a["steps"],
                                      pairs=a["pairs"], **NAIVE_SETTING, **a["options"])
         step = adapter.forward_and_adapt
         record: List[float] = []
@@ -154,7 +154,7 @@ def worker_dtta(a: Dict[str, Any]) -> Dict[str, Any]:
         for i in range(len(x)):
             record = []
             start = time.perf_counter()
-            out = naive_diffusion_tta(model, backend, x[i:i + 1], a["steps"], a["pairs"], a["micro_batch"],
+            out = naive_diffusion_tta(model, judge, x[i:i + 1], a["steps"], a["pairs"], a["micro_batch"],
                                       generator=generator, losses=record)
             times.append(time.perf_counter() - start)
             losses.append(record)
@@ -165,11 +165,11 @@ def worker_dtta(a: Dict[str, Any]) -> Dict[str, Any]:
 
 def worker_breakdown(a: Dict[str, Any]) -> Dict[str, Any]:
     """Seconds per optimizer step spent in each part, measured separately (median of `repeats`)."""
-    model, backend = load_pair(a["judge"])
+    model, judge = load_pair(a["judge"])
     x, _ = images(10)
     x = x[:1]
     model.requires_grad_(True)
-    x0 = backend.encode(x)
+    x0 = judge.encode(x)
     reps = a["repeats"]
 
     def timed(fn):
@@ -185,12 +185,12 @@ def worker_breakdown(a: Dict[str, Any]) -> Dict[str, Any]:
         with torch.enable_grad():
             model(x).sum().backward()
 
-    def judge(mb, autocast="off", backward=True):
+    def judge_passes(mb, autocast="off", backward=True):
         """One step's judge passes over all pairs in micro-batches of mb: forward and backward to the condition,
         or forward only."""
         from tta.generative.base import autocast_for
-        cond = backend.condition(model(x).softmax(1)).detach().requires_grad_(backward)
-        t = torch.randint(0, backend.num_train_timesteps, (a["pairs"],))
+        cond = judge.condition(model(x).softmax(1)).detach().requires_grad_(backward)
+        t = torch.randint(0, judge.num_train_timesteps, (a["pairs"],))
         eps = torch.randn(a["pairs"], *x0.shape[1:])
 
         def run():
@@ -198,28 +198,28 @@ def worker_breakdown(a: Dict[str, Any]) -> Dict[str, Any]:
                 for s in range(0, a["pairs"], mb):
                     m = min(mb, a["pairs"] - s)
                     with autocast_for(x0.device, autocast):
-                        err = backend.denoising_error(x0.expand(m, *x0.shape[1:]), cond.expand(m, -1), t[s:s + m],
-                                                      eps[s:s + m])
+                        err = judge.denoising_error(x0.expand(m, *x0.shape[1:]), cond.expand(m, -1), t[s:s + m],
+                                                    eps[s:s + m])
                     if backward:
                         err.sum().backward()
         return run
-    out = {"classifier_fwd_bwd": timed(classifier), "encode": timed(lambda: backend.encode(x))}
+    out = {"classifier_fwd_bwd": timed(classifier), "encode": timed(lambda: judge.encode(x))}
     for mb in a["micro_batches"]:
-        out[f"judge_fwd_bwd_mb{mb}"] = timed(judge(mb))
-        out[f"judge_fwd_mb{mb}"] = timed(judge(mb, backward=False))
+        out[f"judge_fwd_bwd_mb{mb}"] = timed(judge_passes(mb))
+        out[f"judge_fwd_mb{mb}"] = timed(judge_passes(mb, backward=False))
     big = max(a["micro_batches"])
-    out["judge_fwd_bwd_bf16"] = timed(judge(big, "bf16"))
+    out["judge_fwd_bwd_bf16"] = timed(judge_passes(big, "bf16"))
     # The other fast paths, each on its own and in place on the judge, so last: NHWC, then compiled.
-    backend.use_fast_paths(channels_last=True)
-    out["judge_fwd_bwd_channels_last"] = timed(judge(big))
-    backend.denoiser.to(memory_format=torch.contiguous_format)
-    backend.use_fast_paths(compile=True)
+    judge.use_fast_paths(channels_last=True)
+    out["judge_fwd_bwd_channels_last"] = timed(judge_passes(big))
+    judge.denoiser.to(memory_format=torch.contiguous_format)
+    judge.use_fast_paths(compile=True)
     start = time.perf_counter()
-    judge(big)()
+    judge_passes(big)()
     out["compile_first_call"] = time.perf_counter() - start
-    out["judge_fwd_bwd_compiled"] = timed(judge(big))
+    out["judge_fwd_bwd_compiled"] = timed(judge_passes(big))
     out["params"] = {"classifier": sum(p.numel() for p in model.parameters()),
-                     "judge": sum(p.numel() for p in backend.parameters())}
+                     "judge": sum(p.numel() for p in judge.parameters())}
     return out
 
 
@@ -240,18 +240,18 @@ def quick_suite_domains(limit: int, names: Optional[List[str]] = None) -> Dict[s
 def worker_classifier(a: Dict[str, Any]) -> Dict[str, Any]:
     """Per schedule and domain: correct predictions, images, denoiser evaluations (counted) and seconds."""
     from tta.generative.classifier import DiffusionClassifier
-    _, backend = load_pair(a["judge"])
+    _, judge = load_pair(a["judge"])
     counter = {"evals": 0}
-    original = backend.denoising_error
+    original = judge.denoising_error
 
     def counted(x0, cond, t, noise, loss="l2"):
         counter["evals"] += x0.shape[0]
         return original(x0, cond, t, noise, loss)
-    backend.denoising_error = counted
+    judge.denoising_error = counted
     domains = quick_suite_domains(a["limit"], a["domains"])
     out: Dict[str, Any] = {}
     for label, keep, samples in a["schedules"]:
-        clf = DiffusionClassifier(backend, keep=keep, samples=samples, micro_batch=a["micro_batch"], seed=0)
+        clf = DiffusionClassifier(judge, keep=keep, samples=samples, micro_batch=a["micro_batch"], seed=0)
         out[label] = {}
         for name, (x, y) in domains.items():
             counter["evals"] = 0
@@ -311,18 +311,18 @@ WORKERS = {"dtta": worker_dtta, "breakdown": worker_breakdown, "classifier": wor
 # ---- GPU section: real architectures, random weights ---------------------------------------------------------
 def build_dit_xl2_256(num_classes=1000):
     from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
-    from tta.generative.dit import DiTBackend
+    from tta.generative.dit import DiTJudge
     transformer = DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
                                         num_layers=28, sample_size=32, patch_size=2, num_embeds_ada_norm=num_classes)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         layers_per_block=2, sample_size=256)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    return DiTBackend(transformer, vae, scheduler)
+    return DiTJudge(transformer, vae, scheduler)
 
 
 class _OpenCLIPTokenizer:
-    """The interface StableDiffusionBackend uses, from open_clip's bundled BPE vocabulary (no download)."""
+    """The interface StableDiffusionJudge uses, from open_clip's bundled BPE vocabulary (no download)."""
     model_max_length = 77
 
     def __call__(self, prompts, **_):
@@ -333,7 +333,7 @@ class _OpenCLIPTokenizer:
 def build_sd2(class_names):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    from tta.generative.stable_diffusion import StableDiffusionBackend
+    from tta.generative.stable_diffusion import StableDiffusionJudge
     unet = UNet2DConditionModel(  # stabilityai/stable-diffusion-2-base unet/config.json
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
@@ -348,7 +348,7 @@ def build_sd2(class_names):
                                         hidden_act="gelu", projection_dim=512))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear")
-    return StableDiffusionBackend(unet, vae, text, _OpenCLIPTokenizer(), scheduler, class_names, image_size=512)
+    return StableDiffusionJudge(unet, vae, text, _OpenCLIPTokenizer(), scheduler, class_names, image_size=512)
 
 
 class CLIPZeroShot(torch.nn.Module):
@@ -399,13 +399,13 @@ def worker_gpu_arch(a: Dict[str, Any]) -> Dict[str, Any]:
                 torch.cuda.empty_cache()
             judges[kind] = (build_dit_xl2_256() if kind == "dit"
                             else build_sd2([f"class {i}" for i in range(1000)])).to(device)
-        backend = judges[kind]
+        judge = judges[kind]
         model = make_model().to(device).eval()
         x = torch.rand(1, 3, 224, 224, device=device)
         row: Dict[str, Any] = {}
         gen = torch.Generator(device=device).manual_seed(0)
         try:  # first, while the judge has none of the in-place options the project variants below turn on
-            times = [measure(lambda: naive_diffusion_tta(model, backend, x, steps, pairs, mb, generator=gen))
+            times = [measure(lambda: naive_diffusion_tta(model, judge, x, steps, pairs, mb, generator=gen))
                      for _ in range(n_img)]
             row["naive"] = {"s_per_image": statistics.median(t["s"] for t in times),
                             "peak_gb": max((t["peak_gb"] or 0) for t in times) if cuda else None}
@@ -417,7 +417,7 @@ def worker_gpu_arch(a: Dict[str, Any]) -> Dict[str, Any]:
         for name, options in gpu_variants(mb, a["per_example_images"]):
             images = x.repeat(a["per_example_images"] if options.get("per_example") else 1, 1, 1, 1)
             try:
-                adapter = tta.create_adapter("diffusion_tta", model, backend=backend, seed=0, steps=steps,
+                adapter = tta.create_adapter("diffusion_tta", model, judge=judge, seed=0, steps=steps,
                                              pairs=pairs, **NAIVE_SETTING, **options)
                 adapter(images)  # warm-up (and the micro-batch sizing)
                 times = [measure(lambda: adapter(images)) for _ in range(n_img)]
@@ -429,11 +429,11 @@ def worker_gpu_arch(a: Dict[str, Any]) -> Dict[str, Any]:
             adapter = None  # frees its optimizer state before the next variant
             if cuda:
                 torch.cuda.empty_cache()
-        backend.denoiser.disable_gradient_checkpointing()
+        judge.denoiser.disable_gradient_checkpointing()
         if kind == "dit" and a.get("classifier_samples"):
             from tta.generative.classifier import DiffusionClassifier
             s = a["classifier_samples"]
-            clf = DiffusionClassifier(backend, keep=(10, 1), samples=(s, 2 * s), micro_batch=a["classifier_mb"],
+            clf = DiffusionClassifier(judge, keep=(10, 1), samples=(s, 2 * s), micro_batch=a["classifier_mb"],
                                       seed=0)
             m = measure(lambda: clf(x))
             row["diffusion_classifier"] = {"keep": [10, 1], "samples": [s, 2 * s],
