@@ -63,3 +63,28 @@ def test_resume_refuses_another_recipe_and_a_broken_state(tmp_path):
 
 def test_training_state_lives_beside_the_judge_folder(tmp_path):
     assert training_state_path(tmp_path / "judge") == tmp_path / "judge.train-state.pt"
+
+
+def test_ema_follows_diffusers_ema_model():
+    """The recipe's EMA (ema_update) is diffusers' EMAModel(decay=0.999, update_after_step=-1): the same decay
+    warm-up, step for step, to float rounding (the two write the update in different orders)."""
+    from diffusers.training_utils import EMAModel
+
+    from tta.zoo.ddpm import ema_update
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    ema.load_state_dict(model.state_dict())
+    reference = EMAModel(model.parameters(), decay=0.999, update_after_step=-1)
+    for step in range(1, 41):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema_update(ema, model, step)
+        reference.step(model.parameters())
+        assert reference.cur_decay_value == min(0.999, (1 + step) / (10 + step))
+    for mine, theirs in zip(ema.parameters(), reference.shadow_params):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    # a different schedule would be told apart: diffusers' default (update_after_step=0) lags one step
+    lagged = EMAModel(model.parameters(), decay=0.999)
+    lagged.step(model.parameters())
+    assert lagged.cur_decay_value != min(0.999, 2 / 11)

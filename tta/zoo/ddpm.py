@@ -68,10 +68,7 @@ def train_ddpm(build_unet: Callable[[], nn.Module], num_examples: int,
         loss.backward()
         opt.step()
         sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.mul_(decay).add_(p, alpha=1 - decay)
+        ema_update(ema, unet, step)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == steps:
             log_progress(step - first + 1, steps - first + 1, start, loss=running)
@@ -85,6 +82,17 @@ def train_ddpm(build_unet: Callable[[], nn.Module], num_examples: int,
                     "unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                     "schedule": sched.state_dict(), "generator": gen.get_state()})
     return {"steps": steps, "final_loss_ema": running, "seconds": seconds_before + time.perf_counter() - start}
+
+
+def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float = 0.999) -> None:
+    """One EMA step after optimizer step `step` (from 1), with the usual warm-up of the decay, (1 + step) /
+    (10 + step) capped at `decay`: the same schedule as diffusers' EMAModel(decay=0.999, update_after_step=-1)
+    (tests/test_zoo_resume.py checks the two agree). Kept as these few lines rather than that class so that the
+    committed judges' recipe stays bit for bit what trained them and the resumable state keeps its format."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.mul_(d).add_(p, alpha=1 - d)
 
 
 def training_state_path(out: Path) -> Path:
