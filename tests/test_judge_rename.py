@@ -128,7 +128,9 @@ def test_judge_kinds_keep_their_registry_names():
 
 # ---- result ids -------------------------------------------------------------------------------------------------
 def test_the_rename_tables_agree():
-    assert RENAMED_FIELDS["adapter"] == {new: old for old, new in OLD_FIELD_NAMES.items()}
+    # RENAMED_FIELDS is derived from OLD_FIELD_NAMES; it is only right while no two old names share a new one
+    assert len(set(OLD_FIELD_NAMES.values())) == len(OLD_FIELD_NAMES)
+    assert RENAMED_FIELDS["adapter"] == {"judge": "backend", "adapt_judge": "adapt_backend", "judge_lr": "backend_lr"}
     for cls in (DiffusionTTAConfig, DiffusionClassifierConfig):
         fields = {f.name for f in dataclasses.fields(cls)}
         assert not fields & set(OLD_FIELD_NAMES)

@@ -49,14 +49,12 @@ ADDED_FIELDS: Dict[str, Dict[str, Any]] = {
 }
 
 # Config fields renamed after result rows were written: scope (as in ADDED_FIELDS) -> {new name: the name the rows
-# were written with}. A row's id hashes its config's field names, so config_id puts each field back under its old name
-# before hashing: a config written with the new names keeps the id of its committed rows, and a rerun of a committed
-# spec skips them. Old names in a config (rows written before the rename) are left as they are and hash the same.
-# Never change an entry: ids are frozen; a later rename of a field listed here maps the newest name to the oldest.
-# (Configs accept the old names too: tta.config.OLD_FIELD_NAMES.)
-RENAMED_FIELDS: Dict[str, Dict[str, str]] = {
-    "adapter": {"judge": "backend", "adapt_judge": "adapt_backend", "judge_lr": "backend_lr"},
-}
+# were written with}, the inverse of tta.config.OLD_FIELD_NAMES (which configs use to accept the old names). A row's id
+# hashes its config's field names, so config_id puts each field back under its old name before hashing: a config
+# written with the new names keeps the id of its committed rows, and a rerun of a committed spec skips them. Old names
+# in a config (rows written before the rename) are left as they are and hash the same. Ids are frozen: a later rename
+# of a renamed field must map the newest name to the oldest, the name the ids were computed with.
+RENAMED_FIELDS: Dict[str, Dict[str, str]] = {"adapter": {new: old for old, new in OLD_FIELD_NAMES.items()}}
 
 
 def _canonical(value: Any) -> str:
@@ -234,6 +232,12 @@ def read_rows(path) -> List[Dict[str, Any]]:
     return rows
 
 
+def _new_name(key: str, config: Dict[str, Any]) -> str:
+    """A stored config's field name as configs are written now (OLD_FIELD_NAMES), unless the new name is there too."""
+    new = OLD_FIELD_NAMES.get(key)
+    return new if new is not None and new not in config else key
+
+
 def _parse_row(line: bytes, where: str) -> Dict[str, Any]:
     fix = "it was edited by hand or comes from another program? remove that line (its row is computed again)"
     try:
@@ -250,9 +254,9 @@ def _parse_row(line: bytes, where: str) -> Dict[str, Any]:
     missing = [k for k in ROW_FIELDS if k not in row]
     if missing:
         raise ValueError(f"{where}: the row lacks field(s) {missing} that every result row has; {fix}")
-    if isinstance(row.get("config"), dict):  # a row written before a field was renamed reads with the new name
-        row["config"] = {OLD_FIELD_NAMES.get(k, k) if OLD_FIELD_NAMES.get(k) not in row["config"] else k: v
-                         for k, v in row["config"].items()}
+    config = row.get("config")
+    if isinstance(config, dict):  # a row written before a field was renamed reads with the new name
+        row["config"] = {_new_name(k, config): v for k, v in config.items()}
     return row
 
 

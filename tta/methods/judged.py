@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter
-from ..config import OLD_FIELD_NAMES, make_config, with_new_names
+from ..config import make_config, with_new_names
 from ..generative.base import denoiser_prefix, named_denoiser_parameters
 from ..generative.loading import match_judge_to_model, resolve_judge
 
@@ -28,11 +28,10 @@ class JudgedAdapter(Adapter):
     judge_prefix = "judge."
 
     def __init__(self, model: nn.Module, cfg: Any = None, judge: Any = None, **overrides):
-        # judge= was once backend= (see tta.config.OLD_FIELD_NAMES): the old keyword, an object or a string, still works
-        judge = with_new_names(self.Config, {**overrides, **({"judge": judge} if judge is not None else {})}) \
-            .get("judge")
-        overrides = {k: v for k, v in overrides.items() if OLD_FIELD_NAMES.get(k) != "judge"}
-        config, judge = self.load_judge(model, cfg, judge, overrides)
+        # judge= was once backend= (tta.config.OLD_FIELD_NAMES): the old keyword, an object or a string, still works,
+        # and giving both is refused
+        overrides = with_new_names(self.Config, {**overrides, **({"judge": judge} if judge is not None else {})})
+        config, judge = self.load_judge(model, cfg, overrides.pop("judge", None), overrides)
         super().__init__(model, config, modules={self.judge_prefix.rstrip("."): self.judge_module(judge, config)})
 
     @classmethod
